@@ -1,0 +1,274 @@
+"""Typed run configuration: dataclasses, model presets, YAML loading, dotted overrides.
+
+A run config is one YAML file mapped onto `Config` (sections `model`, `data`, `optim`, `train`,
+`parallel`). Every key is checked: an unknown key names itself and the closest valid key, a wrong
+type names the key, the expected type and the value given. Nothing is compiled before this passes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, value or file is wrong; the message says which and what would be right."""
+
+
+Activation = Literal["gelu_tanh", "gelu", "relu", "silu"]
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Model shape and numerics. GPT-2 is pre-LN with a final LayerNorm; GPT-1 is post-LN without."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024  # context length (block size)
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: Optional[int] = None  # MLP width; None means 4 * n_embd
+    activation: Activation = "gelu_tanh"  # the tanh GELU of the original GPT-1 / GPT-2 code
+    norm: Literal["pre", "post"] = "pre"  # "pre": GPT-2, "post": GPT-1
+    layer_norm_epsilon: float = 1e-5
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    resid_pdrop: float = 0.0
+    initializer_range: float = 0.02
+    scan_layers: bool = True  # False unrolls the layer loop (same parameters, slower compile)
+    remat: Literal["none", "full", "dots"] = "none"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    attention: Literal["auto", "xla", "cudnn", "reference"] = "auto"
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ConfigError(
+                f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
+                f"pick n_head among {[h for h in range(1, 65) if self.n_embd % h == 0]}"
+            )
+        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def mlp_dim(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "GPTConfig":
+        if name not in PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}{_suggest(name, PRESETS)}; presets: {sorted(PRESETS)}")
+        return _build(cls, {**PRESETS[name], **overrides}, "model")
+
+
+_GPT1 = dict(vocab_size=40478, n_positions=512, norm="post", embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
+_DROP = dict(embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
+
+# Sizes are data: the published GPT-2 family and GPT-1, plus tiny shapes for tests and CPU runs.
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(n_layer=12, n_head=12, n_embd=768, **_DROP),
+    "gpt2-medium": dict(n_layer=24, n_head=16, n_embd=1024, **_DROP),
+    "gpt2-large": dict(n_layer=36, n_head=20, n_embd=1280, **_DROP),
+    "gpt2-xl": dict(n_layer=48, n_head=25, n_embd=1600, **_DROP),
+    "gpt1": dict(n_layer=12, n_head=12, n_embd=768, **_GPT1),
+    "gpt2-tiny": dict(n_layer=2, n_head=4, n_embd=64, vocab_size=512, n_positions=64),
+    "gpt1-tiny": dict(n_layer=2, n_head=4, n_embd=64, vocab_size=512, n_positions=64, norm="post"),
+    "baby": dict(n_layer=4, n_head=4, n_embd=128, vocab_size=65, n_positions=64),  # nanoGPT's CPU baby GPT
+}
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "python-stdlib"  # text file, directory, glob, URL, or "python-stdlib"
+    tokenizer: Literal["char", "gpt2", "gpt1", "sentencepiece"] = "char"
+    tokenizer_path: Optional[str] = None  # BPE files / sentencepiece model; default: $GPT_JAX_DATA
+    sentencepiece_vocab_size: int = 4096
+    val_fraction: float = 0.1
+    cache_dir: str = "data_cache"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = 100
+    decay_steps: Optional[int] = None  # None: train.steps
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global norm; 0 disables
+    grad_accum: int = 1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 12  # global batch, in sequences per optimizer step
+    steps: int = 1000
+    eval_every: int = 200
+    eval_batches: int = 20
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    out_dir: str = "runs/default"
+    sample_tokens: int = 0  # >0 prints a sample of this many tokens at each eval
+    sample_prompt: str = "\n"
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    strategy: Literal["single", "pmap", "mesh"] = "single"
+    data: int = -1  # mesh axis sizes; -1 fills the remaining devices
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
+class Config:
+    model: GPTConfig = field(default_factory=GPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp`; return it (ints widen to float)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+    elif origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+    elif tp is type(None):
+        if value is None:
+            return None
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls, values: dict, prefix: str):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in names:
+            raise ConfigError(f"unknown config key {prefix}.{key}{_suggest(key, names)}; valid keys: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _section(tp, value, f"{prefix}.{key}" if prefix else key)
+        else:
+            kwargs[key] = _coerce(value, tp, f"{prefix}.{key}" if prefix else key)
+    return cls(**kwargs)
+
+
+def _section(cls, value, prefix: str):
+    if value is None:
+        value = {}
+    if isinstance(value, str) and cls is GPTConfig:
+        value = {"preset": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{prefix}: expected a mapping of keys, got {value!r}")
+    if cls is GPTConfig and "preset" in value:
+        value = dict(value)
+        name = value.pop("preset")
+        if name not in PRESETS:
+            raise ConfigError(f"{prefix}.preset: unknown preset {name!r}{_suggest(str(name), PRESETS)}; presets: {sorted(PRESETS)}")
+        value = {**PRESETS[name], **value}
+    return _build(cls, value, prefix)
+
+
+def config_from_dict(values: dict) -> Config:
+    return _build(Config, values or {}, "")
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply `section.key=value` strings (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. model.n_layer=6)")
+        dotted, raw = item.split("=", 1)
+        parts = dotted.strip().split(".")
+        node = values
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if isinstance(child, str) and part == "model":  # `model: gpt2` shorthand
+                child = node[part] = {"preset": child}
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {part} is not a section")
+            node = child
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults), apply dotted overrides, validate."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; configs live in configs/*.yaml")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"config file {path} must be a mapping of sections, got {type(values).__name__}")
+    return config_from_dict(apply_overrides(values, list(overrides or [])))
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -1,0 +1,254 @@
+"""GPT-1 and GPT-2 as pure-functional Flax linen modules.
+
+GPT-1: Radford et al. 2018, "Improving Language Understanding by Generative Pre-Training".
+GPT-2: Radford et al. 2019, "Language Models are Unsupervised Multitask Learners".
+Both are a stack of decoder blocks (masked self-attention + MLP) over token + learned position
+embeddings, with the output layer tied to the token embedding. GPT-1 normalises after each residual
+add (post-LN); GPT-2 moved LayerNorm to the input of each sub-block and added a final LayerNorm
+(pre-LN), which is what lets it train deeper stacks without warm-up tricks.
+
+Parameter names follow OpenAI / Hugging Face (wte, wpe, h, ln_1, attn.c_attn, attn.c_proj, ln_2,
+mlp.c_fc, mlp.c_proj, ln_f) so weight import is a rename plus layer stacking. The layers live under
+`nn.scan`, so `h` holds every block's parameters stacked on a leading layer axis and compile time
+does not grow with depth.
+
+Shape letters: B batch, T time (query positions), S key positions (cache slots), D width (n_embd),
+N heads, H head dim, F MLP width, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import optax
+
+from gpt_jax.config import GPTConfig
+
+ACTIVATIONS = {
+    "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+}
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the whole block in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class GPTOutput(NamedTuple):
+    logits: jax.Array  # [B, T, V] float32
+    hidden: jax.Array  # [B, T, D] final hidden states (after ln_f for GPT-2)
+    cache: Optional[dict]  # {"k", "v": [L, B, S, N, H]} when a cache was passed in
+
+
+def init_cache(config: GPTConfig, batch_size: int, max_length: int, dtype=None) -> dict:
+    """A zeroed KV cache for `max_length` slots; pass it to GPT.apply with `cache_index`."""
+    shape = (config.n_layer, batch_size, max_length, config.n_head, config.head_dim)
+    dtype = dtype or jnp.dtype(config.dtype)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def attention_mask_BTS(q_slot_BT, key_valid_BS):
+    """Causal mask over key slots, also hiding invalid (padding) keys.
+
+    A query may always see its own slot, so a padding query never has an empty softmax row.
+    """
+    k_slot_S = jnp.arange(key_valid_BS.shape[1])
+    causal = k_slot_S[None, None, :] <= q_slot_BT[:, :, None]
+    own = k_slot_S[None, None, :] == q_slot_BT[:, :, None]
+    return causal & (key_valid_BS[:, None, :] | own)
+
+
+def reference_attention(q_BTNH, k_BSNH, v_BSNH, mask_BTS, dropout=None):
+    """Plain einsum attention: the oracle for the fast path and the path used for attention dropout."""
+    scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
+    scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH, preferred_element_type=jnp.float32) * scale
+    scores_BNTS = jnp.where(mask_BTS[:, None], scores_BNTS, jnp.finfo(jnp.float32).min)
+    probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1)  # softmax in fp32 whatever the compute dtype
+    if dropout is not None:
+        probs_BNTS = dropout(probs_BNTS)
+    return jnp.einsum("bnts,bsnh->btnh", probs_BNTS.astype(v_BSNH.dtype), v_BSNH)
+
+
+def _dense(features, config: GPTConfig, name, std=None):
+    return nn.Dense(
+        features,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        kernel_init=nn.initializers.normal(std or config.initializer_range),
+        bias_init=nn.initializers.zeros,
+        name=name,
+    )
+
+
+def _layer_norm(config: GPTConfig, name):
+    # flax computes LayerNorm statistics in at least fp32, even for bf16 inputs.
+    return nn.LayerNorm(
+        epsilon=config.layer_norm_epsilon,
+        dtype=jnp.dtype(config.dtype),
+        param_dtype=jnp.dtype(config.param_dtype),
+        name=name,
+    )
+
+
+class CausalSelfAttention(nn.Module):
+    config: GPTConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BTD, mask_BTS, cache, cache_index):
+        cfg = self.config
+        B, T, D = x_BTD.shape
+        N, H = cfg.n_head, cfg.head_dim
+        qkv_BT3D = _dense(3 * D, cfg, "c_attn")(x_BTD)
+        q_BTNH, k_BTNH, v_BTNH = (a.reshape(B, T, N, H) for a in jnp.split(qkv_BT3D, 3, axis=-1))
+        if cache is not None:  # write this chunk into its slots, then attend over all slots
+            k_BSNH = jax.lax.dynamic_update_slice(cache["k"], k_BTNH.astype(cache["k"].dtype), (0, cache_index, 0, 0))
+            v_BSNH = jax.lax.dynamic_update_slice(cache["v"], v_BTNH.astype(cache["v"].dtype), (0, cache_index, 0, 0))
+            cache = {"k": k_BSNH, "v": v_BSNH}
+            k_BSNH, v_BSNH = k_BSNH.astype(q_BTNH.dtype), v_BSNH.astype(q_BTNH.dtype)
+        else:
+            k_BSNH, v_BSNH = k_BTNH, v_BTNH
+
+        use_dropout = cfg.attn_pdrop > 0 and not self.deterministic
+        if cfg.attention == "reference" or use_dropout:
+            dropout = nn.Dropout(cfg.attn_pdrop, deterministic=self.deterministic) if use_dropout else None
+            y_BTNH = reference_attention(q_BTNH, k_BSNH, v_BSNH, mask_BTS, dropout)
+        else:
+            impl = None if cfg.attention == "auto" else cfg.attention
+            y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_BTS[:, None], implementation=impl)
+
+        # Residual projections start small, 0.02 / sqrt(2 * n_layer) (GPT-2 paper, section 2.3):
+        # each block adds two of them to the residual stream, so its variance stays O(1) with depth.
+        std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
+        y_BTD = _dense(D, cfg, "c_proj", std)(y_BTNH.reshape(B, T, D))
+        return nn.Dropout(cfg.resid_pdrop, deterministic=self.deterministic)(y_BTD), cache
+
+
+class MLP(nn.Module):
+    config: GPTConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BTD):
+        cfg = self.config
+        h_BTF = ACTIVATIONS[cfg.activation](_dense(cfg.mlp_dim, cfg, "c_fc")(x_BTD))
+        std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
+        y_BTD = _dense(cfg.n_embd, cfg, "c_proj", std)(h_BTF)
+        return nn.Dropout(cfg.resid_pdrop, deterministic=self.deterministic)(y_BTD)
+
+
+class Block(nn.Module):
+    """One decoder block; the signature (carry, *xs) -> (carry, ys) is what nn.scan expects."""
+
+    config: GPTConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x_BTD, mask_BTS, cache, cache_index):
+        cfg = self.config
+        self.sow("intermediates", "block_input", x_BTD)
+        attn = CausalSelfAttention(cfg, self.deterministic, name="attn")
+        mlp = MLP(cfg, self.deterministic, name="mlp")
+        ln_1, ln_2 = _layer_norm(cfg, "ln_1"), _layer_norm(cfg, "ln_2")
+        if cfg.norm == "pre":  # GPT-2
+            a_BTD, cache = attn(ln_1(x_BTD), mask_BTS, cache, cache_index)
+            x_BTD = x_BTD + a_BTD
+            x_BTD = x_BTD + mlp(ln_2(x_BTD))
+        else:  # GPT-1: LayerNorm after each residual add
+            a_BTD, cache = attn(x_BTD, mask_BTS, cache, cache_index)
+            x_BTD = ln_1(x_BTD + a_BTD)
+            x_BTD = ln_2(x_BTD + mlp(x_BTD))
+        return x_BTD, cache
+
+
+class GPT(nn.Module):
+    """GPT-1 / GPT-2 language model.
+
+    `apply(params, tokens_BT)` returns float32 logits [B, T, V]. With `cache=` (from `init_cache`)
+    or `return_hidden=True` it returns a `GPTOutput(logits, hidden, cache)` instead.
+
+    attention_mask: [B, S] booleans over key positions (S = T, or the cache length with a cache);
+        False marks padding. position_ids: [B, T]; default cache_index + arange(T). Left-padded
+        batches pass both, with positions counted from each row's first real token.
+    """
+
+    config: GPTConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BT,
+        *,
+        position_ids=None,
+        attention_mask=None,
+        cache: Optional[dict] = None,
+        cache_index: Any = 0,
+        deterministic: bool = True,
+        return_hidden: bool = False,
+    ):
+        cfg = self.config
+        B, T = tokens_BT.shape
+        S = T if cache is None else cache["k"].shape[2]
+        dtype = jnp.dtype(cfg.dtype)
+        q_slot_BT = jnp.broadcast_to(cache_index + jnp.arange(T), (B, T))
+        if position_ids is None:
+            position_ids = q_slot_BT
+        key_valid_BS = jnp.ones((B, S), bool) if attention_mask is None else attention_mask.astype(bool)
+        mask_BTS = attention_mask_BTS(q_slot_BT, key_valid_BS)
+
+        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+                       embedding_init=nn.initializers.normal(cfg.initializer_range), name="wte")
+        wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+                       embedding_init=nn.initializers.normal(0.01), name="wpe")  # 0.01 as in OpenAI's code
+        x_BTD = wte(tokens_BT) + wpe(position_ids)
+        x_BTD = nn.Dropout(cfg.embd_pdrop, deterministic=deterministic)(x_BTD)
+
+        block = Block
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        blocks = nn.scan(
+            block,
+            variable_axes={"params": 0, "intermediates": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, 0, nn.broadcast),
+            length=cfg.n_layer,
+            unroll=1 if cfg.scan_layers else cfg.n_layer,
+        )
+        x_BTD, cache = blocks(cfg, deterministic, name="h")(x_BTD, mask_BTS, cache, cache_index)
+
+        if cfg.norm == "pre":
+            x_BTD = _layer_norm(cfg, "ln_f")(x_BTD)
+        # Output layer tied to the token embedding (GPT-1 section 3.1); logits in fp32 for the loss.
+        embedding_VD = wte.embedding.astype(dtype)
+        logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD, preferred_element_type=jnp.float32)
+        if cache is None and not return_hidden:
+            return logits_BTV
+        return GPTOutput(logits_BTV, x_BTD, cache)
+
+
+def lm_loss(logits_BTV, targets_BT, weights_BT=None):
+    """Mean next-token cross-entropy in fp32; `weights_BT` (0/1) masks positions out."""
+    losses_BT = optax.softmax_cross_entropy_with_integer_labels(logits_BTV.astype(jnp.float32), targets_BT)
+    if weights_BT is None:
+        return losses_BT.mean()
+    weights_BT = weights_BT.astype(jnp.float32)
+    return (losses_BT * weights_BT).sum() / jnp.maximum(weights_BT.sum(), 1.0)
+
+
+def init_params(config: GPTConfig, rng, batch_shape=(1, 1)):
+    """Initialise parameters (a plain nested dict)."""
+    return GPT(config).init(rng, jnp.zeros(batch_shape, jnp.int32))["params"]
+
+
+def param_count(config: GPTConfig) -> int:
+    """Number of parameters, from shapes alone (jax.eval_shape allocates nothing)."""
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes))

@@ -1,0 +1,209 @@
+"""Import and export Hugging Face GPT-2 / OpenAI-GPT checkpoint directories.
+
+A directory holds `config.json` and `model.safetensors` (or a sharded `model.safetensors.index.json`,
+or a PyTorch `pytorch_model.bin`). Our parameter names are OpenAI's, so import is a rename table
+plus stacking the per-layer tensors on a leading layer axis. HF's Conv1D stores kernels as
+[in, out], which is flax's Dense layout, so no transposes are needed. Neither torch nor
+transformers is needed: `.bin` files are read with a small unpickler over the zip archive.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from gpt_jax.config import ConfigError, GPTConfig
+
+# HF activation names <-> ours. gelu_new / gelu_pytorch_tanh are both the tanh approximation.
+_ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
+                "silu": "silu", "swish": "silu"}
+_ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+
+_TOP = {  # model_type -> {HF name: our path}
+    "gpt2": {"wte.weight": ("wte", "embedding"), "wpe.weight": ("wpe", "embedding"),
+             "ln_f.weight": ("ln_f", "scale"), "ln_f.bias": ("ln_f", "bias")},
+    "openai-gpt": {"tokens_embed.weight": ("wte", "embedding"), "positions_embed.weight": ("wpe", "embedding")},
+}
+_LAYER = {  # the same in both families
+    "ln_1.weight": ("ln_1", "scale"), "ln_1.bias": ("ln_1", "bias"),
+    "attn.c_attn.weight": ("attn", "c_attn", "kernel"), "attn.c_attn.bias": ("attn", "c_attn", "bias"),
+    "attn.c_proj.weight": ("attn", "c_proj", "kernel"), "attn.c_proj.bias": ("attn", "c_proj", "bias"),
+    "ln_2.weight": ("ln_2", "scale"), "ln_2.bias": ("ln_2", "bias"),
+    "mlp.c_fc.weight": ("mlp", "c_fc", "kernel"), "mlp.c_fc.bias": ("mlp", "c_fc", "bias"),
+    "mlp.c_proj.weight": ("mlp", "c_proj", "kernel"), "mlp.c_proj.bias": ("mlp", "c_proj", "bias"),
+}
+_IGNORED_SUFFIXES = ("attn.bias", "attn.masked_bias", "lm_head.weight")  # causal-mask buffers; tied head
+
+
+def config_from_hf(hf: dict) -> GPTConfig:
+    """Map a transformers config.json (gpt2 or openai-gpt) onto GPTConfig."""
+    kind = hf.get("model_type")
+    if kind not in _TOP:
+        raise ConfigError(f"model_type {kind!r} is not supported; expected 'gpt2' or 'openai-gpt'")
+    act_key = "activation_function" if kind == "gpt2" else "afn"
+    act = hf.get(act_key, "gelu_new" if kind == "gpt2" else "gelu")
+    if act not in _ACT_FROM_HF:
+        raise ConfigError(f"config.json {act_key}={act!r} is not supported; expected one of {sorted(_ACT_FROM_HF)}")
+    if kind == "gpt2":
+        for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
+                        ("scale_attn_weights", True)):
+            if hf.get(key, ok) != ok:
+                raise ConfigError(f"config.json {key}={hf[key]!r} is not supported (only {ok})")
+    return GPTConfig(
+        vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], n_embd=hf["n_embd"], n_layer=hf["n_layer"],
+        n_head=hf["n_head"], n_inner=hf.get("n_inner") if kind == "gpt2" else None, activation=_ACT_FROM_HF[act],
+        norm="pre" if kind == "gpt2" else "post", layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
+        embd_pdrop=hf.get("embd_pdrop", 0.1), attn_pdrop=hf.get("attn_pdrop", 0.1),
+        resid_pdrop=hf.get("resid_pdrop", 0.1), initializer_range=hf.get("initializer_range", 0.02),
+    )
+
+
+def config_to_hf(config: GPTConfig) -> dict:
+    common = dict(vocab_size=config.vocab_size, n_positions=config.n_positions, n_embd=config.n_embd,
+                  n_layer=config.n_layer, n_head=config.n_head, layer_norm_epsilon=config.layer_norm_epsilon,
+                  embd_pdrop=config.embd_pdrop, attn_pdrop=config.attn_pdrop, resid_pdrop=config.resid_pdrop,
+                  initializer_range=config.initializer_range, tie_word_embeddings=True, torch_dtype="float32")
+    if config.norm == "pre":
+        return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_inner=config.n_inner,
+                    activation_function=_ACT_TO_HF[config.activation], n_ctx=config.n_positions, **common)
+    if config.n_inner not in (None, 4 * config.n_embd):
+        raise ConfigError("a post-LN (GPT-1) model exports as openai-gpt, which has no n_inner; use n_inner=None")
+    return dict(model_type="openai-gpt", architectures=["OpenAIGPTLMHeadModel"],
+                afn=_ACT_TO_HF[config.activation], **common)
+
+
+# --- reading PyTorch .bin files without torch --------------------------------------------------
+
+_STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+                   "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
+                   "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_):
+    itemsize = storage.dtype.itemsize
+    return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), tuple(s * itemsize for s in stride)).copy()
+
+
+class _TorchUnpickler(pickle.Unpickler):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(file)
+        self.archive, self.prefix = archive, prefix
+
+    def find_class(self, module, name):
+        if name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) in (("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")):
+            return _rebuild_tensor
+        if (module, name) == ("torch._utils", "_rebuild_parameter"):
+            return lambda tensor, *_: tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        raise pickle.UnpicklingError(f"unsupported object {module}.{name} in a PyTorch checkpoint")
+
+    def persistent_load(self, pid):
+        _, dtype, key, _location, _numel = pid
+        raw = self.archive.read(f"{self.prefix}/data/{key}")
+        return np.frombuffer(raw, dtype=np.dtype(dtype))
+
+
+def load_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    if not zipfile.is_zipfile(path):
+        raise ConfigError(f"{path} is not a PyTorch zip checkpoint (the legacy pre-1.6 format is not supported)")
+    with zipfile.ZipFile(path) as archive:
+        pkl = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+        if pkl is None:
+            raise ConfigError(f"{path} has no data.pkl; it is not a PyTorch state dict")
+        with archive.open(pkl) as f:
+            return dict(_TorchUnpickler(f, archive, pkl[: -len("/data.pkl")]).load())
+
+
+def _read_weights(path: Path) -> dict[str, np.ndarray]:
+    if (path / "model.safetensors").is_file():
+        return load_file(path / "model.safetensors")
+    if (path / "model.safetensors.index.json").is_file():
+        index = json.loads((path / "model.safetensors.index.json").read_text())
+        tensors = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            tensors.update(load_file(path / shard))
+        return tensors
+    if (path / "pytorch_model.bin").is_file():
+        return load_torch_bin(path / "pytorch_model.bin")
+    raise ConfigError(f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+
+
+def load_pretrained(path) -> tuple[GPTConfig, dict]:
+    """Read a Hugging Face GPT-2 or OpenAI-GPT directory into (GPTConfig, params)."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path} is not a checkpoint directory: {path / 'config.json'} is missing")
+    hf = json.loads((path / "config.json").read_text())
+    config = config_from_hf(hf)
+    tensors = {k.removeprefix("transformer."): v for k, v in _read_weights(path).items()}
+    top, L = _TOP[hf["model_type"]], config.n_layer
+    params: dict = {}
+
+    def put(tree_path, value):
+        node = params
+        for part in tree_path[:-1]:
+            node = node.setdefault(part, {})
+        node[tree_path[-1]] = value
+
+    for name, tree_path in top.items():
+        if name not in tensors:
+            raise ConfigError(f"{path}: tensor {name!r} is missing from the checkpoint")
+        put(tree_path, np.asarray(tensors.pop(name), np.float32))
+    for name, tree_path in _LAYER.items():
+        missing = [i for i in range(L) if f"h.{i}.{name}" not in tensors]
+        if missing:
+            raise ConfigError(f"{path}: tensor h.{missing[0]}.{name} is missing from the checkpoint")
+        put(("h", *tree_path), np.stack([np.asarray(tensors.pop(f"h.{i}.{name}"), np.float32) for i in range(L)]))
+    leftover = [k for k in tensors if not k.endswith(_IGNORED_SUFFIXES)]
+    if leftover:
+        raise ConfigError(f"{path}: unexpected tensors {leftover[:5]}; is config.json's n_layer right?")
+    _check_shapes(config, params, str(path))
+    return config, params
+
+
+def _check_shapes(config: GPTConfig, params: dict, where: str):
+    import jax
+
+    from gpt_jax.model import init_params
+
+    expected = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    flat_e = dict(jax.tree_util.tree_flatten_with_path(expected)[0])
+    for key, value in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if key not in flat_e:
+            raise ConfigError(f"{where}: unexpected parameter {jax.tree_util.keystr(key)}")
+        if tuple(value.shape) != tuple(flat_e[key].shape):
+            raise ConfigError(f"{where}: {jax.tree_util.keystr(key)} has shape {tuple(value.shape)}, "
+                              f"config.json implies {tuple(flat_e[key].shape)}")
+
+
+def save_pretrained(config: GPTConfig, params: dict, path) -> None:
+    """Write config.json + model.safetensors that transformers' GPT2/OpenAIGPT LMHeadModel loads."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    hf = config_to_hf(config)
+    tensors = {}
+
+    def get(tree_path):
+        node = params
+        for part in tree_path:
+            node = node[part]
+        return np.asarray(node, np.float32)
+
+    for name, tree_path in _TOP[hf["model_type"]].items():
+        tensors[f"transformer.{name}"] = get(tree_path)
+    for name, tree_path in _LAYER.items():
+        stacked = get(("h", *tree_path))
+        for i in range(config.n_layer):
+            tensors[f"transformer.h.{i}.{name}"] = np.ascontiguousarray(stacked[i])
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(hf, indent=2))
