@@ -21,10 +21,18 @@ from safetensors.numpy import load_file, save_file
 
 from gpt_jax.config import ConfigError, GPTConfig
 
-# HF activation names <-> ours. gelu_new / gelu_pytorch_tanh are both the tanh approximation.
-_ACT_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
-                "silu": "silu", "swish": "silu"}
-_ACT_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"}
+# HF activation names <-> ours, per model type. For gpt2, gelu_new / gelu_pytorch_tanh are the tanh
+# approximation and "gelu" is the exact erf form. OpenAI-GPT's `afn` table (modeling_openai.ACT_FNS)
+# maps "gelu" to gelu_new, the tanh form the original GPT-1 code used, and has no exact GELU.
+_ACT_FROM_HF = {
+    "gpt2": {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu",
+             "silu": "silu", "swish": "silu"},
+    "openai-gpt": {"gelu": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu"},
+}
+_ACT_TO_HF = {
+    "gpt2": {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu"},
+    "openai-gpt": {"gelu_tanh": "gelu", "relu": "relu", "silu": "silu"},
+}
 
 _TOP = {  # model_type -> {HF name: our path}
     "gpt2": {"wte.weight": ("wte", "embedding"), "wpe.weight": ("wpe", "embedding"),
@@ -49,8 +57,8 @@ def config_from_hf(hf: dict) -> GPTConfig:
         raise ConfigError(f"model_type {kind!r} is not supported; expected 'gpt2' or 'openai-gpt'")
     act_key = "activation_function" if kind == "gpt2" else "afn"
     act = hf.get(act_key, "gelu_new" if kind == "gpt2" else "gelu")
-    if act not in _ACT_FROM_HF:
-        raise ConfigError(f"config.json {act_key}={act!r} is not supported; expected one of {sorted(_ACT_FROM_HF)}")
+    if act not in _ACT_FROM_HF[kind]:
+        raise ConfigError(f"config.json {act_key}={act!r} is not supported; expected one of {sorted(_ACT_FROM_HF[kind])}")
     if kind == "gpt2":
         for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
                         ("scale_attn_weights", True)):
@@ -58,7 +66,7 @@ def config_from_hf(hf: dict) -> GPTConfig:
                 raise ConfigError(f"config.json {key}={hf[key]!r} is not supported (only {ok})")
     return GPTConfig(
         vocab_size=hf["vocab_size"], n_positions=hf["n_positions"], n_embd=hf["n_embd"], n_layer=hf["n_layer"],
-        n_head=hf["n_head"], n_inner=hf.get("n_inner") if kind == "gpt2" else None, activation=_ACT_FROM_HF[act],
+        n_head=hf["n_head"], n_inner=hf.get("n_inner") if kind == "gpt2" else None, activation=_ACT_FROM_HF[kind][act],
         norm="pre" if kind == "gpt2" else "post", layer_norm_epsilon=float(hf.get("layer_norm_epsilon", 1e-5)),
         embd_pdrop=hf.get("embd_pdrop", 0.1), attn_pdrop=hf.get("attn_pdrop", 0.1),
         resid_pdrop=hf.get("resid_pdrop", 0.1), initializer_range=hf.get("initializer_range", 0.02),
@@ -72,11 +80,14 @@ def config_to_hf(config: GPTConfig) -> dict:
                   initializer_range=config.initializer_range, tie_word_embeddings=True, torch_dtype="float32")
     if config.norm == "pre":
         return dict(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_inner=config.n_inner,
-                    activation_function=_ACT_TO_HF[config.activation], n_ctx=config.n_positions, **common)
+                    activation_function=_ACT_TO_HF["gpt2"][config.activation], n_ctx=config.n_positions, **common)
     if config.n_inner not in (None, 4 * config.n_embd):
         raise ConfigError("a post-LN (GPT-1) model exports as openai-gpt, which has no n_inner; use n_inner=None")
+    if config.activation not in _ACT_TO_HF["openai-gpt"]:
+        raise ConfigError(f"a post-LN (GPT-1) model exports as openai-gpt, which has no {config.activation!r} "
+                          f"activation; use one of {sorted(_ACT_TO_HF['openai-gpt'])}")
     return dict(model_type="openai-gpt", architectures=["OpenAIGPTLMHeadModel"],
-                afn=_ACT_TO_HF[config.activation], **common)
+                afn=_ACT_TO_HF["openai-gpt"][config.activation], **common)
 
 
 # --- reading PyTorch .bin files without torch --------------------------------------------------

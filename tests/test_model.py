@@ -1,0 +1,178 @@
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt_jax import GPT, GPTConfig, init_cache, init_params, lm_loss
+
+TINY = GPTConfig.preset("gpt2-tiny", n_layer=3, n_positions=32, vocab_size=97)
+TINY_POST = dataclasses.replace(TINY, norm="post")
+
+
+def tokens(shape, seed=0, vocab=97):
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
+
+
+def randomize(params, seed=1, scale=0.3):
+    """Random weights everywhere (LayerNorm included) so no test passes on an identity-like init."""
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    out = [x + scale * jax.random.normal(k, x.shape) * (1.0 if x.ndim > 1 and x.shape[-1] > 1 else 0.3)
+           for x, k in zip(leaves, keys)]
+    return jax.tree.unflatten(tree, out)
+
+
+@pytest.fixture(scope="module", params=["pre", "post"])
+def setup(request):
+    cfg = TINY if request.param == "pre" else TINY_POST
+    return cfg, randomize(init_params(cfg, jax.random.key(0)))
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(cfg):
+    return jax.jit(lambda p, x, kw: GPT(cfg).apply({"params": p}, x, **kw))
+
+
+def logits_of(cfg, params, x, **kw):
+    return _jitted_apply(cfg)(params, x, kw)
+
+
+def test_output_shape_and_dtype(setup):
+    cfg, params = setup
+    out = logits_of(cfg, params, tokens((2, 11)))
+    assert out.shape == (2, 11, cfg.vocab_size) and out.dtype == jnp.float32
+
+
+def test_causality_gradient_to_later_positions_is_exactly_zero(setup):
+    # The input at position j is wte[x_j] + wpe[j]; wpe row j is used only at position j, so
+    # d logits[t] / d wpe[j] is the gradient with respect to the embedding of position j.
+    cfg, params = setup
+    x = tokens((1, 12))
+    for t in (0, 5, 11):
+        def out_t(wpe):
+            p = {**params, "wpe": {"embedding": wpe}}
+            return logits_of(cfg, p, x)[0, t].sum()
+
+        g = jax.jit(jax.grad(out_t))(params["wpe"]["embedding"])
+        assert jnp.all(g[t + 1:12] == 0.0), f"position {t} depends on later positions"
+        assert jnp.abs(g[: t + 1]).sum() > 0, "gradient to earlier positions should not vanish"
+
+
+def test_jit_equals_eager(setup):
+    cfg, params = setup
+    x = tokens((2, 9))
+    eager = GPT(cfg).apply({"params": params}, x)
+    jitted = logits_of(cfg, params, x)
+    np.testing.assert_allclose(eager, jitted, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_attention_equals_reference(setup):
+    cfg, params = setup
+    x = tokens((2, 16))
+    mask = jnp.arange(16)[None, :] >= jnp.array([[0], [5]])  # second row left-padded by 5
+    ref = logits_of(dataclasses.replace(cfg, attention="reference"), params, x, attention_mask=mask)
+    fast = logits_of(dataclasses.replace(cfg, attention="xla"), params, x, attention_mask=mask)
+    np.testing.assert_allclose(ref, fast, atol=2e-5, rtol=1e-5)
+
+
+def test_scanned_equals_unrolled_and_remat_is_exact(setup):
+    cfg, params = setup
+    x = tokens((2, 10))
+
+    def loss(c, p):
+        return lm_loss(logits_of(c, p, x)[:, :-1], x[:, 1:])
+
+    base_l, base_g = jax.value_and_grad(lambda p: loss(cfg, p))(params)
+    for variant in (dict(scan_layers=False), dict(remat="full"), dict(remat="dots"),
+                    dict(scan_layers=False, remat="full")):
+        c = dataclasses.replace(cfg, **variant)
+        l, g = jax.jit(jax.value_and_grad(lambda p: loss(c, p)))(params)
+        np.testing.assert_allclose(l, base_l, rtol=1e-6, err_msg=str(variant))
+        for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(base_g)):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-4, err_msg=str(variant))
+
+
+def test_unrolled_has_same_parameter_tree():
+    a = jax.eval_shape(lambda: init_params(TINY, jax.random.key(0)))
+    b = jax.eval_shape(lambda: init_params(dataclasses.replace(TINY, scan_layers=False), jax.random.key(0)))
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    assert a["h"]["attn"]["c_attn"]["kernel"].shape == (TINY.n_layer, TINY.n_embd, 3 * TINY.n_embd)
+
+
+def test_kv_cache_prefill_then_steps_equals_full_forward(setup):
+    cfg, params = setup
+    x = tokens((2, 14))
+    full = logits_of(cfg, params, x)
+    model = GPT(cfg)
+    cache = init_cache(cfg, 2, 20)
+    out = logits_of(cfg, params, x[:, :6], cache=cache, cache_index=0)
+    pieces = [out.logits]
+    cache = out.cache
+    step = jax.jit(lambda p, t, c, i: model.apply({"params": p}, t, cache=c, cache_index=i))
+    for i in range(6, 14):
+        out = step(params, x[:, i:i + 1], cache, i)
+        pieces.append(out.logits)
+        cache = out.cache
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=2e-5, rtol=1e-5)
+
+
+def test_left_padded_batch_equals_each_prompt_alone(setup):
+    cfg, params = setup
+    a, b = tokens((1, 10), seed=3)[0], tokens((1, 6), seed=4)[0]
+    pad = 4
+    batch = jnp.stack([a, jnp.concatenate([jnp.zeros(pad, a.dtype), b])])
+    mask = jnp.stack([jnp.ones(10, bool), jnp.arange(10) >= pad])
+    pos = jnp.stack([jnp.arange(10), jnp.maximum(jnp.arange(10) - pad, 0)])
+    out = logits_of(cfg, params, batch, attention_mask=mask, position_ids=pos)
+    np.testing.assert_allclose(out[0], logits_of(cfg, params, a[None])[0], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(out[1, pad:], logits_of(cfg, params, b[None])[0], atol=2e-5, rtol=1e-5)
+    assert jnp.all(jnp.isfinite(out))  # padding rows stay finite
+
+
+def test_bf16_compute_close_to_fp32(setup):
+    cfg, params = setup
+    x = tokens((2, 16))
+    f32 = logits_of(cfg, params, x)
+    bf16 = logits_of(dataclasses.replace(cfg, dtype="bfloat16"), params, x)
+    assert bf16.dtype == jnp.float32  # logits (and so the loss) stay fp32
+    rel = jnp.linalg.norm(bf16 - f32) / jnp.linalg.norm(f32)
+    assert rel < 3e-2, rel
+    l32 = lm_loss(f32[:, :-1], x[:, 1:])
+    l16 = lm_loss(bf16[:, :-1], x[:, 1:])
+    assert abs(l16 - l32) / l32 < 1e-2
+
+
+def test_dropout_is_active_in_training_and_reproducible():
+    cfg = dataclasses.replace(TINY, embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
+    params = init_params(cfg, jax.random.key(0))
+    x = tokens((2, 8))
+    train_apply = jax.jit(lambda p, x, key: GPT(cfg).apply({"params": p}, x, deterministic=False,
+                                                            rngs={"dropout": key}))
+    run = lambda seed: train_apply(params, x, jax.random.key(seed))
+    eval_out = logits_of(cfg, params, x)
+    assert not jnp.allclose(run(0), eval_out)
+    assert not jnp.allclose(run(0), run(1))
+    np.testing.assert_array_equal(run(0), run(0))
+
+
+def test_init_follows_gpt2_scheme():
+    cfg = GPTConfig.preset("gpt2", n_layer=4, n_embd=256, n_head=4, vocab_size=4096)
+    p = init_params(cfg, jax.random.key(0))
+    assert abs(float(jnp.std(p["wte"]["embedding"])) - 0.02) < 1e-3
+    resid = float(jnp.std(p["h"]["mlp"]["c_proj"]["kernel"]))
+    assert abs(resid - 0.02 / np.sqrt(2 * cfg.n_layer)) < 1e-3
+    assert float(jnp.abs(p["h"]["attn"]["c_attn"]["bias"]).max()) == 0.0
+    assert jnp.all(p["ln_f"]["scale"] == 1.0)
+
+
+def test_intermediates_expose_block_inputs(setup):
+    cfg, params = setup
+    x = tokens((1, 5))
+    _, state = GPT(cfg).apply({"params": params}, x, mutable=["intermediates"])
+    block_inputs = state["intermediates"]["h"]["block_input"][0]
+    assert block_inputs.shape == (cfg.n_layer, 1, 5, cfg.n_embd)
+    emb = params["wte"]["embedding"][x] + params["wpe"]["embedding"][None, :5]
+    np.testing.assert_allclose(block_inputs[0], emb, atol=1e-6)
