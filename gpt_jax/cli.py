@@ -1,0 +1,30 @@
+"""What train.py calls: load the config, train, turn known errors into one clear line."""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from gpt_jax.config import ConfigError, load_config
+from gpt_jax.data import DataError
+from gpt_jax.tokenizer import TokenizerError
+
+
+def run_training(config_path, overrides) -> int:
+    try:
+        config = load_config(config_path, overrides)
+        from gpt_jax.trainer import sample_text, train
+
+        result = train(config)
+    except (ConfigError, DataError, TokenizerError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if not isinstance(e, FloatingPointError) else 3
+    if result["interrupted"]:
+        return 128 + signal.Signals[result["interrupted"]].value
+    tc = result["config"].train
+    print(f"done: step {result['step']}, train loss {result.get('loss', float('nan')):.4f}, "
+          f"val loss {result.get('val_loss', float('nan')):.4f}, {result['seconds']:.0f} s; run in {tc.out_dir}")
+    if tc.sample_tokens > 0:
+        print("sample:\n" + sample_text(result["config"], result["params"], result["tokenizer"], tc.sample_prompt,
+                                        tc.sample_tokens, seed=tc.seed))
+    return 0

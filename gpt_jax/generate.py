@@ -1,0 +1,142 @@
+"""Jitted sampling with a KV cache: one prefill of the (left-padded) prompts, then a decode loop.
+
+The whole of `generate` is one compiled function: the prompts are prefilled into a preallocated
+cache in one forward pass, then a `lax.while_loop` adds one token per iteration and stops early
+when every sequence has produced a stop token. Prompt length, batch size and `max_new_tokens` are
+rounded up to buckets (powers of two), and the sampling settings (temperature, top-k, top-p, seed)
+are traced values, so new prompts and settings in the same bucket reuse the compiled function.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gpt_jax.config import GPTConfig
+from gpt_jax.model import GPT, init_cache
+
+
+class GenerateError(ValueError):
+    """Bad prompts or sampling settings; raised before anything is compiled."""
+
+
+def _bucket(n: int, minimum: int = 1) -> int:
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def filter_logits(logits_BV, temperature, top_k, top_p):
+    """Temperature, then top-k (0 = off), then top-p (1 = off); filtered entries become -inf."""
+    logits_BV = logits_BV / jnp.maximum(temperature, 1e-6)
+
+    def apply_filters(logits_BV):
+        V = logits_BV.shape[-1]
+        sorted_BV = -jnp.sort(-logits_BV, axis=-1)  # descending
+        rank_V = jnp.arange(V)
+        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+        sorted_BV = jnp.where(rank_V[None, :] < k, sorted_BV, -jnp.inf)
+        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
+        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of strictly better tokens
+        keep_B = jnp.sum((before_BV < top_p) & (rank_V[None, :] < k), axis=-1)  # at least one is kept
+        cutoff_B = jnp.take_along_axis(sorted_BV, (keep_B - 1)[:, None], axis=-1)
+        return jnp.where(logits_BV < cutoff_B, -jnp.inf, logits_BV)
+
+    # The sort runs only when a filter is on; either way it is one compiled program.
+    return jax.lax.cond((top_k > 0) | (top_p < 1.0), apply_filters, lambda x: x, logits_BV)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_bucket", "greedy"))
+def _generate(params, tokens_BP, lengths_B, max_new, rng, temperature, top_k, top_p, stop_K, *,
+              config: GPTConfig, max_new_bucket: int, greedy: bool):
+    model = GPT(config)
+    B, P = tokens_BP.shape
+    S = P + max_new_bucket
+    pad_B = P - lengths_B
+    slot_P = jnp.arange(P)
+    valid_BP = slot_P[None, :] >= pad_B[:, None]
+    key_valid_BS = jnp.concatenate([valid_BP, jnp.ones((B, max_new_bucket), bool)], axis=1)
+    out = model.apply({"params": params}, tokens_BP, position_ids=jnp.maximum(slot_P[None, :] - pad_B[:, None], 0),
+                      attention_mask=key_valid_BS, cache=init_cache(config, B, S), cache_index=0)
+
+    def cond(carry):
+        i, _, _, done_B, _, _ = carry
+        return (i < max_new) & ~jnp.all(done_B)
+
+    def body(carry):
+        i, logits_BV, cache, done_B, out_BN, n_B = carry
+        if greedy:
+            tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+        else:
+            filtered = filter_logits(logits_BV, temperature, top_k, top_p)
+            tok_B = jax.random.categorical(jax.random.fold_in(rng, i), filtered, axis=-1).astype(jnp.int32)
+        tok_B = jnp.where(done_B, 0, tok_B)
+        out_BN = out_BN.at[:, i].set(tok_B)
+        n_B = jnp.where(done_B, n_B, i + 1)
+        done_B = done_B | jnp.any(tok_B[:, None] == stop_K[None, :], axis=-1)
+        step = model.apply({"params": params}, tok_B[:, None], position_ids=(lengths_B + i)[:, None],
+                           attention_mask=key_valid_BS, cache=cache, cache_index=P + i)
+        return i + 1, step.logits[:, 0], step.cache, done_B, out_BN, n_B
+
+    carry = (jnp.int32(0), out.logits[:, -1], out.cache, jnp.zeros(B, bool),
+             jnp.zeros((B, max_new_bucket), jnp.int32), jnp.zeros(B, jnp.int32))
+    _, _, _, _, out_BN, n_B = jax.lax.while_loop(cond, body, carry)
+    return out_BN, n_B
+
+
+def validate(config: GPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
+             top_k, top_p) -> None:
+    if not prompts:
+        raise GenerateError("no prompts given: pass a list of token-id lists")
+    if max_new_tokens < 1:
+        raise GenerateError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise GenerateError(f"prompt {i} is empty: give at least one token (e.g. the end-of-text id)")
+        if len(p) + max_new_tokens > config.n_positions:
+            raise GenerateError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
+                                f"{len(p) + max_new_tokens} positions, over the model's context of "
+                                f"{config.n_positions}: shorten the prompt or ask for fewer tokens")
+        bad = [t for t in p if not 0 <= int(t) < config.vocab_size]
+        if bad:
+            raise GenerateError(f"prompt {i} holds token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
+    if temperature < 0:
+        raise GenerateError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise GenerateError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k is not None and top_k < 0:
+        raise GenerateError(f"top_k must be >= 0 (0 or None means off), got {top_k}")
+
+
+def generate(config: GPTConfig, params, prompts, max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
+             stop_tokens: Sequence[int] = (), rng=None, lengths=None):
+    """Sample `max_new_tokens` after each prompt.
+
+    prompts: a list of token-id lists (any lengths), or a left-padded int array [B, P] with `lengths`.
+    Returns (tokens, lengths): a list with each prompt's new tokens (up to and including a stop
+    token) and their counts. `greedy=True` (or temperature=0) takes the argmax.
+    """
+    if lengths is not None:
+        arr = np.asarray(prompts)
+        prompts = [list(row[arr.shape[1] - int(n):]) for row, n in zip(arr, lengths)]
+    prompts = [list(map(int, p)) for p in prompts]
+    validate(config, prompts, max_new_tokens, temperature, top_k, top_p)
+    greedy = greedy or temperature == 0
+    n = len(prompts)
+    B, P = _bucket(n), _bucket(max(map(len, prompts)), 8)
+    tokens = np.zeros((B, P), np.int32)
+    lens = np.ones(B, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = p
+        lens[i] = len(p)
+    stop = np.asarray(list(stop_tokens) or [-1], np.int32)
+    stop = np.pad(stop, (0, _bucket(len(stop)) - len(stop)), constant_values=-1)
+    rng = jax.random.key(0) if rng is None else (jax.random.key(rng) if isinstance(rng, int) else rng)
+    out, counts = _generate(params, tokens, lens, np.int32(max_new_tokens), rng, np.float32(temperature),
+                            np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p), stop,
+                            config=config, max_new_bucket=_bucket(max_new_tokens), greedy=greedy)
+    out, counts = np.asarray(out), np.asarray(counts)
+    return [out[i, : counts[i]].tolist() for i in range(n)], counts[:n].tolist()

@@ -1,0 +1,338 @@
+"""Train state, the pure train / eval steps, and the training loop with logging and checkpoints.
+
+`train_step(state, batch) -> (state, metrics)` is pure and jitted with the state donated. A batch
+is [A, b, T + 1] tokens: A micro-batches for gradient accumulation, scanned inside the step, so one
+dispatch does one optimizer step. Dropout keys are `fold_in(key(seed), step)` and the sampler state
+is saved with every checkpoint, so a resumed run continues the exact loss curve.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+from gpt_jax.checkpoint import Checkpointer
+from gpt_jax.config import Config, ConfigError, save_config
+from gpt_jax.data import Sampler, eval_batches, prepare
+from gpt_jax.flops import device_peak_flops, flops_per_token
+from gpt_jax.model import GPT, init_params, lm_loss
+from gpt_jax.optim import make_optimizer, make_schedule
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # optimizer steps done
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # uint32 key data of the run's base key (from the config seed)
+
+
+def has_dropout(config: Config) -> bool:
+    m = config.model
+    return max(m.embd_pdrop, m.attn_pdrop, m.resid_pdrop) > 0
+
+
+def init_state(config: Config, optimizer) -> TrainState:
+    key = jax.random.key(config.train.seed)
+    params = init_params(config.model, jax.random.fold_in(key, 0))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+                      rng=jax.random.key_data(key))
+
+
+def make_loss_fn(config: Config):
+    model = GPT(config.model)
+    deterministic = not has_dropout(config)
+
+    def loss_fn(params, tokens_BT1, key):
+        logits = model.apply({"params": params}, tokens_BT1[:, :-1], deterministic=deterministic,
+                             rngs=None if deterministic else {"dropout": key})
+        return lm_loss(logits, tokens_BT1[:, 1:])
+
+    return loss_fn
+
+
+def make_train_step(config: Config, optimizer, schedule):
+    """The pure step; gradients are averaged over the A micro-batches of a [A, b, T + 1] batch."""
+    loss_fn = make_loss_fn(config)
+
+    def train_step(state: TrainState, batch_ABT1):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+
+        def micro(grad_sum, xs):
+            i, tokens = xs
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens, jax.random.fold_in(key, i))
+            return jax.tree.map(jnp.add, grad_sum, grads), loss
+
+        A = batch_ABT1.shape[0]
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        grads, losses = jax.lax.scan(micro, zeros, (jnp.arange(A), batch_ABT1))
+        grads = jax.tree.map(lambda g: g / A, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": losses.mean(), "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+
+def make_eval_step(config: Config):
+    model = GPT(config.model)
+
+    def eval_step(params, tokens_BT1):
+        return lm_loss(model.apply({"params": params}, tokens_BT1[:, :-1]), tokens_BT1[:, 1:])
+
+    return eval_step
+
+
+def _describe(config: Config) -> str:
+    """The resolved config in short: the values that differ from the defaults."""
+    default = Config().to_dict()
+    parts = []
+    for section, values in config.to_dict().items():
+        parts += [f"{section}.{k}={v}" for k, v in values.items() if default[section].get(k) != v]
+    return " ".join(parts)
+
+
+def _resolve_vocab(config: Config, tokenizer) -> Config:
+    m = config.model
+    if tokenizer.kind in ("char", "sentencepiece") and m.vocab_size != tokenizer.vocab_size:
+        # A vocabulary built from the corpus sets the model's size.
+        return dataclasses.replace(config, model=dataclasses.replace(m, vocab_size=tokenizer.vocab_size))
+    if m.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the {tokenizer.kind} tokenizer's "
+                          f"{tokenizer.vocab_size} ids; set model.vocab_size >= {tokenizer.vocab_size}")
+    return config
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard events in the run directory (process 0 only)."""
+
+    def __init__(self, run_dir: Path, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self.file = open(run_dir / "metrics.jsonl", "a")
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        for k, v in record.items():
+            if k not in ("step", "kind") and isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+    def close(self):
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """loss.png: train and val loss against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    series = {}
+    for r in records:  # later records win: a resumed run rewrites the steps after its checkpoint
+        key = "val_loss" if r["kind"] == "eval" else "loss"
+        if key in r:
+            series.setdefault(r["kind"], {})[r["step"]] = r[key]
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for kind, points in series.items():
+        steps = sorted(points)
+        ax.plot(steps, [points[s] for s in steps], label="val" if kind == "eval" else "train",
+                marker="o" if kind == "eval" else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(run_dir / "loss.png", dpi=100)
+    plt.close(fig)
+    return run_dir / "loss.png"
+
+
+class _Signals:
+    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and stops at the next step."""
+
+    def __init__(self):
+        self.received = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, _frame):
+        self.received = signum
+
+    def restore(self):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def train(config: Config, verbose: bool = True) -> dict:
+    """Run (or resume) pretraining as `config` says. Returns a summary dict."""
+    t_start = time.time()
+    tc, oc = config.train, config.optim
+    main = jax.process_index() == 0
+    say = (lambda *a: print(*a, flush=True)) if (verbose and main) else (lambda *a: None)
+    if tc.batch_size % oc.grad_accum:
+        raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by optim.grad_accum={oc.grad_accum}")
+
+    data = prepare(config.data, verbose=verbose and main)
+    config = _resolve_vocab(config, data.tokenizer)
+    run_dir = Path(tc.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    say(f"config: {_describe(config)}")
+    say(f"data: {data.manifest['train_tokens']:,} train / {data.manifest['val_tokens']:,} val tokens "
+        f"({data.tokenizer.kind}, vocab {data.tokenizer.vocab_size}) from {data.dir}")
+
+    T = config.model.n_positions
+    schedule = make_schedule(oc, tc.steps)
+    optimizer = make_optimizer(oc, tc.steps)
+    ckpt = Checkpointer(run_dir, keep=tc.keep_checkpoints)
+    abstract = jax.eval_shape(lambda: init_state(config, optimizer))
+    sampler_state, best_val, start = {"epoch": 0, "cursor": 0}, math.inf, 0
+    restored = ckpt.restore_latest(abstract)
+    if restored is not None:
+        state, meta, start = restored
+        saved_model = meta["config"]["model"]
+        if saved_model != dataclasses.asdict(config.model):
+            diff = {k: (saved_model.get(k), v) for k, v in dataclasses.asdict(config.model).items()
+                    if saved_model.get(k) != v}
+            raise ConfigError(f"{run_dir} holds a run with another model config {diff} (saved, now); "
+                              "use another train.out_dir or the saved model settings")
+        sampler_state, best_val = meta["sampler"], meta.get("best_val", math.inf)
+        say(f"resuming from step {start} in {run_dir / 'checkpoints'}")
+    else:
+        state = init_state(config, optimizer)
+    save_config(config, run_dir / "config.yaml")
+    (run_dir / "tokenizer.json").write_text(json.dumps(data.tokenizer.spec()))
+
+    sampler = Sampler(data.tokens("train"), T, tc.batch_size, tc.seed, jax.process_index(), jax.process_count(),
+                      **sampler_state)
+    val = eval_batches(data.tokens("val"), T, tc.batch_size, tc.eval_batches)
+    train_step = jax.jit(make_train_step(config, optimizer, schedule), donate_argnums=0)
+    eval_step = jax.jit(make_eval_step(config))
+    A = oc.grad_accum
+    tokens_per_step = tc.batch_size * T
+    peak, peak_src = device_peak_flops(config.model.dtype)
+    flops_per_step = flops_per_token(config.model, T) * tokens_per_step
+    say(f"batch: {tc.batch_size} sequences x {T} tokens = {tokens_per_step:,} tokens/step "
+        f"({A} micro-batch(es)); MFU against {peak / 1e12:.2f} TFLOP/s ({peak_src})")
+
+    log = MetricsLog(run_dir, main)
+    signals = _Signals()
+    summary = {"run_dir": str(run_dir), "start_step": start, "interrupted": None, "best_val": best_val}
+
+    def meta():
+        return {"sampler": sampler.state(), "config": config.to_dict(), "best_val": best_val}
+
+    def evaluate(step):
+        nonlocal best_val
+        losses = [float(eval_step(state.params, b)) for b in val]
+        val_loss = float(np.mean(losses))
+        record = {"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+        log.write(record)
+        improved = val_loss < best_val
+        best_val = min(best_val, val_loss)
+        summary.update(val_loss=val_loss, best_val=best_val)
+        return record, improved
+
+    bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not (verbose and main), dynamic_ncols=True,
+               file=sys.stdout, mininterval=1.0)
+    pending = None  # (step, metrics) dispatched but not read yet: the host never waits on the device
+    window_t, window_steps = time.time(), 0
+
+    def flush():
+        """Read the previous step's metrics; stop on a non-finite loss."""
+        nonlocal pending, window_t, window_steps
+        if pending is None:
+            return
+        step, metrics = pending
+        pending = None
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(m["loss"]):
+            last = ckpt.steps()
+            raise FloatingPointError(
+                f"loss is {m['loss']} at step {step}; stopping. The last good checkpoint "
+                f"({'step ' + str(last[-1]) if last else 'none'}) in {run_dir} is untouched: lower optim.lr, "
+                "raise optim.warmup_steps or check the data, then rerun to resume")
+        window_steps += 1
+        summary["loss"] = m["loss"]
+        if step % tc.log_every == 0 or step == tc.steps:
+            dt = time.time() - window_t
+            tok_s = window_steps * tokens_per_step / max(dt, 1e-9)
+            record = {"kind": "train", "step": step, **m, "tokens_per_s": tok_s,
+                      "mfu": tok_s / tokens_per_step * flops_per_step / peak}
+            log.write(record)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+            window_t, window_steps = time.time(), 0
+        bar.update(1)
+
+    try:
+        for step in range(start + 1, tc.steps + 1):
+            batch = sampler.next().reshape(A, tc.batch_size // A // jax.process_count(), T + 1)
+            state, metrics = train_step(state, batch)
+            flush()
+            pending = (step, metrics)
+            if step % tc.eval_every == 0 or step == tc.steps or step % tc.save_every == 0 or signals.received:
+                flush()
+                improved = False
+                if step % tc.eval_every == 0 or step == tc.steps:
+                    record, improved = evaluate(step)
+                    bar.write(f"step {step}: train loss {summary['loss']:.4f}, val loss {record['val_loss']:.4f} "
+                              f"(ppl {record['val_ppl']:.2f})")
+                    if tc.sample_tokens > 0 and main:
+                        bar.write(sample_text(config, state.params, data.tokenizer, tc.sample_prompt, tc.sample_tokens,
+                                              seed=step))
+                ckpt.save(step, state, meta(), best=improved)
+            if signals.received:
+                name = signal.Signals(signals.received).name
+                ckpt.wait()
+                bar.write(f"received {name}: saved a checkpoint at step {step} in {run_dir}; "
+                          "rerun the same command to resume")
+                summary["interrupted"] = name
+                break
+        flush()
+    finally:
+        bar.close()
+        signals.restore()
+        ckpt.wait()
+        ckpt.close()
+        log.close()
+    if main and (run_dir / "metrics.jsonl").is_file():
+        plot_losses(run_dir)
+    summary.update(step=int(state.step), seconds=time.time() - t_start, config=config, params=state.params,
+                   tokenizer=data.tokenizer)
+    return summary
+
+
+def sample_text(config: Config, params, tokenizer, prompt: str, n_tokens: int, seed: int = 0,
+                temperature: float = 0.8, top_k: int | None = 200) -> str:
+    """A sample continuation of `prompt` from the current parameters."""
+    from gpt_jax.generate import generate
+
+    ids = tokenizer.encode(prompt) or ([tokenizer.eot_id] if tokenizer.eot_id is not None else [0])
+    n_tokens = min(n_tokens, config.model.n_positions - len(ids))
+    out, _ = generate(config.model, params, [ids], n_tokens, temperature=temperature,
+                      top_k=min(top_k or 0, config.model.vocab_size), rng=seed)
+    return prompt + tokenizer.decode(out[0])

@@ -1,0 +1,146 @@
+import json
+import os
+
+import numpy as np
+import pytest
+
+from conftest import data_path
+from gpt_jax import data as data_mod
+from gpt_jax.config import DataConfig
+from gpt_jax.data import DataError, Sampler, eval_batches, prepare, resolve_source, stdlib_files
+
+
+def cfg(tmp_path, source, **kw):
+    return DataConfig(source=str(source), cache_dir=str(tmp_path / "cache"), **kw)
+
+
+def test_char_split_matches_nanogpt_counts(tmp_path):
+    counts = json.loads(data_path("tinyshakespeare", "gpt2_token_counts.json").read_text())["char_level"]
+    prepared = prepare(cfg(tmp_path, data_path("tinyshakespeare", "input.txt")), verbose=False)
+    m = prepared.manifest
+    assert (m["train_tokens"], m["val_tokens"], m["vocab_size"]) == (counts["train_tokens"], counts["val_tokens"], 65)
+    assert m["dtype"] == "uint16" and len(prepared.tokens("train")) == counts["train_tokens"]
+    assert m["files"][0]["sha256"] and m["tokenizer"]["kind"] == "char"
+    text = data_path("tinyshakespeare", "input.txt").read_text()
+    assert prepared.tokenizer.decode(prepared.tokens("val")[:50]) == text[counts["train_tokens"]:][:50]
+
+
+def test_gpt2_bpe_counts_and_chunking_do_not_change_tokens(tmp_path, monkeypatch):
+    counts = json.loads(data_path("tinyshakespeare", "gpt2_token_counts.json").read_text())["gpt2_bpe_encode_ordinary"]
+    source = data_path("tinyshakespeare", "input.txt")
+    whole = prepare(cfg(tmp_path, source, tokenizer="gpt2", tokenizer_path=str(data_path("gpt2-bpe"))), verbose=False)
+    assert (whole.manifest["train_tokens"], whole.manifest["val_tokens"]) == (counts["train_tokens"], counts["val_tokens"])
+    monkeypatch.setattr(data_mod, "CHUNK_BYTES", 4096)  # stream in 4 KB pieces: the same tokens
+    chunked = prepare(cfg(tmp_path / "b", source, tokenizer="gpt2", tokenizer_path=str(data_path("gpt2-bpe"))),
+                      verbose=False)
+    np.testing.assert_array_equal(chunked.tokens("train"), whole.tokens("train"))
+    np.testing.assert_array_equal(chunked.tokens("val"), whole.tokens("val"))
+
+
+def test_cache_is_reused_and_keyed_by_content(tmp_path):
+    src = tmp_path / "a.txt"
+    src.write_text("hello world, this is some text.\n" * 200)
+    first = prepare(cfg(tmp_path, src), verbose=False)
+    mtime = os.path.getmtime(first.dir / "train.bin")
+    second = prepare(cfg(tmp_path, src), verbose=False)
+    assert second.dir == first.dir and os.path.getmtime(second.dir / "train.bin") == mtime
+    src.write_text("different text entirely!\n" * 200)
+    assert prepare(cfg(tmp_path, src), verbose=False).dir != first.dir
+
+
+def test_directory_and_glob_sources_in_sorted_order_with_document_breaks(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for name, text in [("b.txt", "second doc here\n"), ("a.txt", "first doc here\n"), ("c.md", "third\n")]:
+        (docs / name).write_text(text * 50)
+    assert [p.name for p in resolve_source(str(docs), tmp_path)] == ["a.txt", "b.txt", "c.md"]
+    assert [p.name for p in resolve_source(str(docs / "*.txt"), tmp_path)] == ["a.txt", "b.txt"]
+    prepared = prepare(cfg(tmp_path, docs / "*.txt", tokenizer="gpt2", tokenizer_path=str(data_path("gpt2-bpe")),
+                           val_fraction=0.3), verbose=False)
+    train = list(prepared.tokens("train"))
+    assert train.count(50256) == 1  # one break after a.txt, inside the train split
+    assert prepared.tokenizer.decode(train[: train.index(50256)]) == "first doc here\n" * 50
+
+
+def test_python_stdlib_corpus_is_fixed_and_local():
+    files = stdlib_files()
+    assert len(files) > 100 and files == sorted(files)
+    assert all(f.suffix == ".py" and "site-packages" not in f.parts for f in files)
+
+
+def test_sentencepiece_trained_on_the_corpus(tmp_path):
+    src = tmp_path / "s.txt"
+    src.write_text(data_path("tinyshakespeare", "input.txt").read_text()[:200_000])
+    prepared = prepare(cfg(tmp_path, src, tokenizer="sentencepiece", sentencepiece_vocab_size=500), verbose=False)
+    assert prepared.tokenizer.vocab_size == 500 and prepared.manifest["tokenizer"]["kind"] == "sentencepiece"
+    assert (prepared.dir / "tokenizer.model").is_file()
+    again = prepare(cfg(tmp_path, src, tokenizer="sentencepiece", sentencepiece_vocab_size=500), verbose=False)
+    assert again.tokenizer.encode("To be, or not") == prepared.tokenizer.encode("To be, or not")
+
+
+def test_bad_sources(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        prepare(cfg(tmp_path, tmp_path / "missing.txt"), verbose=False)
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        prepare(cfg(tmp_path, tmp_path / "empty.txt"), verbose=False)
+    with pytest.raises(DataError, match="matches no files"):
+        prepare(cfg(tmp_path, tmp_path / "*.nothing"), verbose=False)
+    with pytest.raises(DataError, match="set data.source to the local file path"):
+        prepare(cfg(tmp_path, "http://127.0.0.1:9/corpus.txt"), verbose=False)
+    (tmp_path / "one.txt").write_text("x")
+    with pytest.raises(DataError, match="both splits"):
+        prepare(cfg(tmp_path, tmp_path / "one.txt"), verbose=False)
+    if os.getuid() != 0:  # root reads everything
+        (tmp_path / "locked.txt").write_text("secret")
+        os.chmod(tmp_path / "locked.txt", 0)
+        with pytest.raises(DataError, match="not readable"):
+            prepare(cfg(tmp_path, tmp_path / "locked.txt"), verbose=False)
+
+
+TOKENS = np.arange(10_000, dtype=np.uint16)
+
+
+def test_sampler_is_deterministic_and_resumable():
+    a = Sampler(TOKENS, 16, 8, seed=3)
+    batches = [a.next() for _ in range(200)]  # crosses epoch boundaries (587 windows / 8 per batch)
+    assert a.epoch >= 2
+    b = Sampler(TOKENS, 16, 8, seed=3)
+    for expected in batches[:50]:
+        np.testing.assert_array_equal(b.next(), expected)
+    resumed = Sampler(TOKENS, 16, 8, seed=3, **b.state())
+    for expected in batches[50:]:
+        np.testing.assert_array_equal(resumed.next(), expected)
+    assert not np.array_equal(Sampler(TOKENS, 16, 8, seed=4).next(), batches[0])
+    assert batches[0].dtype == np.int32 and batches[0].shape == (8, 17)
+    # windows are contiguous runs of the stream
+    assert np.all(np.diff(batches[0], axis=1) == 1)
+
+
+def test_sampler_draws_without_replacement_within_an_epoch():
+    s = Sampler(TOKENS, 16, 8, seed=0)
+    seen = []
+    while s.epoch == 0:
+        cursor_epoch = s.epoch
+        batch = s.next()
+        if s.epoch != cursor_epoch:
+            break
+        seen += [int(row[0]) for row in batch]
+    assert len(seen) == len(set(seen)) and len(seen) >= 8 * ((10_000 - 17) // 17 // 8)
+
+
+def test_sampler_processes_read_their_own_rows():
+    whole = Sampler(TOKENS, 16, 8, seed=5)
+    parts = [Sampler(TOKENS, 16, 8, seed=5, process_index=p, process_count=4) for p in range(4)]
+    for _ in range(10):
+        np.testing.assert_array_equal(np.concatenate([p.next() for p in parts]), whole.next())
+    with pytest.raises(DataError, match="does not divide"):
+        Sampler(TOKENS, 16, 6, seed=0, process_count=4)
+
+
+def test_eval_batches_are_fixed_and_errors_on_tiny_val():
+    a = eval_batches(TOKENS, 16, 4, 3)
+    b = eval_batches(TOKENS, 16, 4, 3)
+    assert len(a) == 3 and all(np.array_equal(x, y) for x, y in zip(a, b))
+    with pytest.raises(DataError, match="validation split"):
+        eval_batches(TOKENS[:40], 16, 4, 3)

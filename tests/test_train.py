@@ -1,0 +1,170 @@
+"""End-to-end runs of train.py in real subprocesses, with real signals."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, data_path
+
+TINY = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.n_positions=32",
+        "model.resid_pdrop=0.1", "model.embd_pdrop=0.1",  # dropout on: resume must replay its RNG too
+        "train.batch_size=8", "train.eval_batches=2", "train.log_every=1", "optim.warmup_steps=5", "optim.lr=3e-3",
+        "train.sample_tokens=0"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+    path.write_text(data_path("tinyshakespeare", "input.txt").read_text()[:60_000])
+    return path
+
+
+def start(tmp_path, corpus, run, *extra, **popen):
+    args = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
+            *TINY, f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"train.out_dir={tmp_path / run}",
+            *extra]
+    return subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+
+
+def run_train(tmp_path, corpus, run, *extra, timeout=300):
+    proc = start(tmp_path, corpus, run, *extra)
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def losses(run_dir: Path) -> dict:
+    """step -> train loss, the last record of each step winning (a resumed run re-logs some steps)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "train":
+            out[r["step"]] = r["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, corpus):
+    tmp = tmp_path_factory.mktemp("ref")
+    code, out, err = run_train(tmp, corpus, "run", "train.steps=30", "train.save_every=5", "train.eval_every=10")
+    assert code == 0, err[-3000:]
+    return tmp / "run", out, err
+
+
+def test_end_to_end_run_writes_everything(reference_run):
+    run_dir, out, _ = reference_run
+    assert "config: " in out and "done: step 30" in out and "val loss" in out
+    ref = losses(run_dir)
+    assert sorted(ref) == list(range(1, 31))
+    assert ref[30] < ref[1] - 0.5, "the loss should fall"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rec = next(r for r in records if r["kind"] == "train")
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(train_rec)
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [10, 20, 30]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "tokenizer.json").is_file()
+    assert (run_dir / "loss.png").stat().st_size > 1000
+    assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["25", "30"]  # keep 2
+    assert any(p.name.isdigit() for p in (run_dir / "best").iterdir())
+
+
+def test_sigkill_at_any_moment_then_resume_gives_identical_losses(tmp_path, corpus, reference_run):
+    ref = losses(reference_run[0])
+    args = ("train.steps=30", "train.save_every=5", "train.eval_every=10")
+    proc = start(tmp_path, corpus, "run", *args)
+    ckpts = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 240
+    while not (ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir())):
+        assert proc.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.05)
+    time.sleep(0.37)  # somewhere after the first checkpoint, possibly during a save
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    killed = losses(tmp_path / "run")
+    code, out, err = run_train(tmp_path, corpus, "run", *args)
+    assert code == 0, err[-3000:]
+    assert "resuming from step" in out
+    resumed = losses(tmp_path / "run")
+    assert resumed == ref, {s: (resumed.get(s), ref[s]) for s in ref if resumed.get(s) != ref[s]}
+    assert len(killed) < 30
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_save_then_resume(tmp_path, corpus, reference_run, sig):
+    ref = losses(reference_run[0])
+    args = ("train.steps=30", "train.save_every=1000", "train.eval_every=1000")
+    proc = start(tmp_path, corpus, "run", *args)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 240
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig.value, err[-2000:]
+    assert f"received {sig.name}: saved a checkpoint at step" in out
+    saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] < 30
+    code, out, err = run_train(tmp_path, corpus, "run", *args)
+    assert code == 0 and f"resuming from step {saved[0]}" in out, err[-2000:]
+    assert losses(tmp_path / "run") == ref
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, corpus, reference_run):
+    ref = losses(reference_run[0])
+    args = ("train.save_every=5", "train.eval_every=10", "optim.decay_steps=30")  # the reference's schedule
+    code, _, err = run_train(tmp_path, corpus, "run", "train.steps=20", *args)
+    assert code == 0, err[-2000:]
+    newest = tmp_path / "run" / "checkpoints" / "20"
+    for f in newest.rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])  # truncate every file
+    # Extending the run to 30 steps resumes from step 15 and retraces the reference exactly.
+    code, out, err = run_train(tmp_path, corpus, "run", "train.steps=30", *args)
+    assert code == 0, err[-2000:]
+    assert "checkpoint at step 20" in err and "cannot be restored" in err
+    assert "resuming from step 15" in out
+    assert losses(tmp_path / "run") == ref
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
+    code, out, err = run_train(tmp_path, corpus, "run", "train.steps=30", "train.save_every=2", "optim.lr=1e12",
+                               "optim.grad_clip=0", "optim.warmup_steps=3", "train.eval_every=1000")
+    assert code == 3, (out[-1000:], err[-2000:])
+    assert "loss is nan" in err.lower() or "loss is inf" in err.lower()
+    assert "is untouched" in err
+    saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved and saved[-1] < 30
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["model.n_layers=2"], ["unknown config key model.n_layers", "n_layer"]),
+    (["train.batch_size=eight"], ["train.batch_size", "expected int"]),
+    (["data.source=/nonexistent/file.txt"], ["does not exist"]),
+    (["optim.grad_accum=3"], ["not divisible by optim.grad_accum"]),
+])
+def test_bad_config_or_data_fails_fast_with_a_clear_message(tmp_path, corpus, extra, words):
+    t = time.time()
+    code, out, err = run_train(tmp_path, corpus, "run", *extra)
+    assert code == 2, err[-2000:]
+    for w in words:
+        assert w in err, err[-2000:]
+    assert "Traceback" not in err
+    assert time.time() - t < 60
+
+
+def test_gradient_accumulation_matches_full_batch(tmp_path, corpus):
+    args = ("train.steps=6", "train.eval_every=1000", "train.save_every=1000", "model.resid_pdrop=0",
+            "model.embd_pdrop=0")
+    code, _, err = run_train(tmp_path, corpus, "full", *args)
+    assert code == 0, err[-2000:]
+    code, _, err = run_train(tmp_path, corpus, "accum", *args, "optim.grad_accum=4")
+    assert code == 0, err[-2000:]
+    full, accum = losses(tmp_path / "full"), losses(tmp_path / "accum")
+    for step in full:
+        assert abs(full[step] - accum[step]) <= 1e-5 * abs(full[step]), (step, full[step], accum[step])

@@ -1,0 +1,25 @@
+"""Pretrain a GPT: python train.py [--config configs/NAME.yaml] [section.key=value ...]
+
+Without --config it runs configs/quickstart.yaml. Running again with the same train.out_dir resumes.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML run config (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layer=6 optim.lr=3e-4")
+    args = parser.parse_args(argv)
+
+    from gpt_jax.cli import run_training
+
+    return run_training(args.config, args.overrides)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
