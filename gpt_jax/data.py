@@ -300,3 +300,31 @@ def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, n_batches
                         f"{block_size + 1}; raise data.val_fraction or lower train.batch_size")
     sampler = Sampler(tokens, block_size, batch_size, seed, process_index, process_count)
     return [sampler.next() for _ in range(min(n_batches, n_windows // batch_size))]
+
+
+def main(argv=None) -> int:
+    """python -m gpt_jax.data SOURCE [--tokenizer KIND] [--tokenizer-path P] [--cache-dir D]"""
+    import argparse
+
+    from gpt_jax.tokenizer import TokenizerError
+
+    parser = argparse.ArgumentParser(description="Tokenize a corpus into cached train.bin / val.bin files.")
+    parser.add_argument("source", help="text file, directory, glob, URL, or python-stdlib")
+    parser.add_argument("--tokenizer", default="char", choices=["char", "gpt2", "gpt1", "sentencepiece"])
+    parser.add_argument("--tokenizer-path", default=None)
+    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--cache-dir", default="data_cache")
+    args = parser.parse_args(argv)
+    try:
+        prepared = prepare(DataConfig(source=args.source, tokenizer=args.tokenizer, tokenizer_path=args.tokenizer_path,
+                                      val_fraction=args.val_fraction, cache_dir=args.cache_dir))
+    except (DataError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    m = prepared.manifest
+    print(f"{m['train_tokens']:,} train / {m['val_tokens']:,} val tokens ({m['dtype']}) in {prepared.dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -75,3 +75,16 @@ def test_bad_files(tmp_path):
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(write(tmp_path, "- a\n- b\n"))
 
+
+
+def test_shipped_configs_load():
+    from conftest import ROOT
+
+    paths = sorted((ROOT / "configs").glob("*.yaml"))
+    assert {p.name for p in paths} >= {"quickstart.yaml", "shakespeare_char_cpu.yaml", "shakespeare_char.yaml",
+                                       "gpt2_124m.yaml"}
+    for path in paths:
+        head = path.read_text().split("\n", 2)
+        assert head[0].startswith("#") and "python train.py --config" in path.read_text()[:400] or \
+            path.name == "quickstart.yaml", f"{path.name} must open with the command that runs it"
+        load_config(path)
