@@ -15,6 +15,7 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from gpt_jax.config import GPTConfig
 from gpt_jax.model import GPT, init_cache
@@ -22,6 +23,14 @@ from gpt_jax.model import GPT, init_cache
 
 class GenerateError(ValueError):
     """Bad prompts or sampling settings; raised before anything is compiled."""
+
+
+_on_token = [None]  # the streaming callback of the call in progress (set by `generate`)
+
+
+def _emit(i, tok_B):
+    if _on_token[0] is not None:
+        _on_token[0](int(i), np.asarray(tok_B))
 
 
 def _bucket(n: int, minimum: int = 1) -> int:
@@ -48,9 +57,9 @@ def filter_logits(logits_BV, temperature, top_k, top_p):
     return jax.lax.cond((top_k > 0) | (top_p < 1.0), apply_filters, lambda x: x, logits_BV)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_bucket", "greedy"))
+@functools.partial(jax.jit, static_argnames=("config", "max_new_bucket", "greedy", "stream"))
 def _generate(params, tokens_BP, lengths_B, max_new, rng, temperature, top_k, top_p, stop_K, *,
-              config: GPTConfig, max_new_bucket: int, greedy: bool):
+              config: GPTConfig, max_new_bucket: int, greedy: bool, stream: bool = False):
     model = GPT(config)
     B, P = tokens_BP.shape
     S = P + max_new_bucket
@@ -73,6 +82,8 @@ def _generate(params, tokens_BP, lengths_B, max_new, rng, temperature, top_k, to
             filtered = filter_logits(logits_BV, temperature, top_k, top_p)
             tok_B = jax.random.categorical(jax.random.fold_in(rng, i), filtered, axis=-1).astype(jnp.int32)
         tok_B = jnp.where(done_B, 0, tok_B)
+        if stream:  # hand each step's tokens to the host as they are made
+            io_callback(_emit, None, i, tok_B, ordered=True)
         out_BN = out_BN.at[:, i].set(tok_B)
         n_B = jnp.where(done_B, n_B, i + 1)
         done_B = done_B | jnp.any(tok_B[:, None] == stop_K[None, :], axis=-1)
@@ -112,12 +123,14 @@ def validate(config: GPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens
 
 def generate(config: GPTConfig, params, prompts, max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, greedy: bool = False,
-             stop_tokens: Sequence[int] = (), rng=None, lengths=None):
+             stop_tokens: Sequence[int] = (), rng=None, lengths=None, on_token=None):
     """Sample `max_new_tokens` after each prompt.
 
     prompts: a list of token-id lists (any lengths), or a left-padded int array [B, P] with `lengths`.
     Returns (tokens, lengths): a list with each prompt's new tokens (up to and including a stop
-    token) and their counts. `greedy=True` (or temperature=0) takes the argmax.
+    token) and their counts. `greedy=True` (or temperature=0) takes the argmax. `on_token(i, tokens)`,
+    if given, is called on the host with step i's token for every batch row while decoding runs
+    (rows that have stopped get 0).
     """
     if lengths is not None:
         arr = np.asarray(prompts)
@@ -135,8 +148,13 @@ def generate(config: GPTConfig, params, prompts, max_new_tokens: int, *, tempera
     stop = np.asarray(list(stop_tokens) or [-1], np.int32)
     stop = np.pad(stop, (0, _bucket(len(stop)) - len(stop)), constant_values=-1)
     rng = jax.random.key(0) if rng is None else (jax.random.key(rng) if isinstance(rng, int) else rng)
-    out, counts = _generate(params, tokens, lens, np.int32(max_new_tokens), rng, np.float32(temperature),
-                            np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p), stop,
-                            config=config, max_new_bucket=_bucket(max_new_tokens), greedy=greedy)
-    out, counts = np.asarray(out), np.asarray(counts)
+    _on_token[0] = on_token
+    try:
+        out, counts = _generate(params, tokens, lens, np.int32(max_new_tokens), rng, np.float32(temperature),
+                                np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p), stop,
+                                config=config, max_new_bucket=_bucket(max_new_tokens), greedy=greedy,
+                                stream=on_token is not None)
+        out, counts = np.asarray(out), np.asarray(counts)
+    finally:
+        _on_token[0] = None
     return [out[i, : counts[i]].tolist() for i in range(n)], counts[:n].tolist()

@@ -326,6 +326,31 @@ def train(config: Config, verbose: bool = True) -> dict:
     return summary
 
 
+def load_run(run_dir, which: str = "best"):
+    """(Config, params, tokenizer) of a training run directory: the best checkpoint, or the last."""
+    from gpt_jax.config import load_config
+    from gpt_jax.tokenizer import load_tokenizer
+
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "tokenizer.json"):
+        if not (run_dir / name).is_file():
+            raise ConfigError(f"{run_dir} is not a training run: {name} is missing")
+    config = load_config(run_dir / "config.yaml")
+    tokenizer = load_tokenizer(json.loads((run_dir / "tokenizer.json").read_text()))
+    ckpt = Checkpointer(run_dir, keep=config.train.keep_checkpoints)
+    optimizer = make_optimizer(config.optim, config.train.steps)
+    abstract = jax.eval_shape(lambda: init_state(config, optimizer))
+    try:
+        restored = ckpt.restore_latest(abstract, ckpt.best if which == "best" else ckpt.last)
+        if restored is None and which == "best":
+            restored = ckpt.restore_latest(abstract, ckpt.last)
+    finally:
+        ckpt.close()
+    if restored is None:
+        raise ConfigError(f"{run_dir} has no checkpoint that restores")
+    return config, restored[0].params, tokenizer
+
+
 def sample_text(config: Config, params, tokenizer, prompt: str, n_tokens: int, seed: int = 0,
                 temperature: float = 0.8, top_k: int | None = 200) -> str:
     """A sample continuation of `prompt` from the current parameters."""

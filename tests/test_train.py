@@ -168,3 +168,14 @@ def test_gradient_accumulation_matches_full_batch(tmp_path, corpus):
     full, accum = losses(tmp_path / "full"), losses(tmp_path / "accum")
     for step in full:
         assert abs(full[step] - accum[step]) <= 1e-5 * abs(full[step]), (step, full[step], accum[step])
+
+
+def test_sample_cli_loads_a_training_run(reference_run):
+    run_dir = reference_run[0]
+    proc = subprocess.run([sys.executable, "-m", "gpt_jax.sample", "--checkpoint", str(run_dir), "--prompt", "ROMEO:",
+                           "--max-new-tokens", "20", "--num-samples", "2", "--seed", "1"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    samples = proc.stdout.split("--- sample 2 ---")
+    assert len(samples) == 2 and all("ROMEO:" in s for s in samples)
+    assert proc.stderr.count("[20 tokens in") == 2

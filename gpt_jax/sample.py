@@ -1,0 +1,96 @@
+"""Sample text at the command line, streamed as it is produced.
+
+python -m gpt_jax.sample --checkpoint runs/quickstart --prompt "def " [--max-new-tokens N --temperature T
+    --top-k K --top-p P --num-samples S --seed S]
+
+--checkpoint takes a training run directory (its best checkpoint and its tokenizer) or a Hugging Face
+GPT-2 / OpenAI-GPT directory (tokenizer files from that directory, --tokenizer, or $GPT_JAX_DATA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from gpt_jax.config import ConfigError
+from gpt_jax.generate import GenerateError, generate
+from gpt_jax.tokenizer import TokenizerError, load_tokenizer
+
+
+def load_for_sampling(checkpoint: str, tokenizer_path: str | None = None):
+    """(GPTConfig, params, tokenizer) from a run directory or a Hugging Face checkpoint directory."""
+    path = Path(checkpoint)
+    if (path / "config.json").is_file():
+        from gpt_jax.pretrained import load_pretrained
+
+        config, params = load_pretrained(path)
+        if tokenizer_path:
+            tok = load_tokenizer(tokenizer_path)
+        elif (path / "vocab.json").is_file() or (path / "encoder.json").is_file():
+            tok = load_tokenizer(path)
+        else:
+            tok = load_tokenizer("gpt2" if config.norm == "pre" else "gpt1")
+        return config, params, tok
+    from gpt_jax.trainer import load_run
+
+    config, params, tok = load_run(path)
+    if tokenizer_path:
+        tok = load_tokenizer(tokenizer_path)
+    return config.model, params, tok
+
+
+class _Streamer:
+    """Prints each sample's new text as tokens arrive (decoding the whole sample so BPE bytes join up)."""
+
+    def __init__(self, tokenizer, out):
+        self.tokenizer, self.out, self.ids, self.printed, self.done = tokenizer, out, [], "", False
+
+    def __call__(self, _i, tokens):
+        if self.done:
+            return
+        self.ids.append(int(tokens[0]))
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+            return
+        self.out.write(text[len(self.printed):])
+        self.out.flush()
+        self.printed = text
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="training run directory or Hugging Face directory")
+    parser.add_argument("--prompt", default="\n")
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", default=None, help="tokenizer path, if the checkpoint has none")
+    args = parser.parse_args(argv)
+    try:
+        config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer)
+        ids = tok.encode(args.prompt)
+        if not ids:
+            raise GenerateError("the prompt encodes to no tokens; give some text")
+        stop = [tok.eot_id] if tok.eot_id is not None else []
+        for k in range(args.num_samples):
+            if args.num_samples > 1:
+                print(f"--- sample {k + 1} ---")
+            sys.stdout.write(args.prompt)
+            t = time.perf_counter()
+            _, counts = generate(config, params, [ids], args.max_new_tokens, temperature=args.temperature,
+                                 top_k=args.top_k, top_p=args.top_p, stop_tokens=stop, rng=args.seed + k,
+                                 on_token=_Streamer(tok, sys.stdout))
+            print(f"\n[{counts[0]} tokens in {time.perf_counter() - t:.2f} s]", file=sys.stderr)
+    except (ConfigError, GenerateError, TokenizerError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+import json
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT, data_path
+from gpt_jax import GPTConfig, init_params, load_pretrained
+from gpt_jax.generate import GenerateError, _generate, generate
+
+TINY = GPTConfig.preset("gpt2-tiny", n_layer=2, n_positions=64, vocab_size=50)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    params = init_params(TINY, jax.random.key(0))
+    # Larger weights than the init so the next-token distribution is far from uniform.
+    params = jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x, params)
+    return TINY, params
+
+
+def test_tiny_gpt2_greedy_references():
+    root = data_path("tiny-gpt2")
+    config, params = load_pretrained(root)
+    cases = [c for c in json.loads((root / "reference_outputs.json").read_text())["cases"] if c["dtype"] == "float32"]
+    out, lengths = generate(config, params, [c["ids"] for c in cases], 20, greedy=True)
+    for case, new in zip(cases, out):
+        assert case["ids"] + new == case["greedy_20"]
+    assert lengths == [20] * len(cases)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "openai-gpt"])
+def test_greedy_equals_transformers_generate(tmp_path, kind):
+    torch = pytest.importorskip("torch", reason="torch is the generation reference")
+    transformers = pytest.importorskip("transformers", reason="transformers is the generation reference")
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=300,
+                                                                  n_positions=64, attn_implementation="eager"))
+    else:
+        hf = transformers.OpenAIGPTLMHeadModel(transformers.OpenAIGPTConfig(
+            n_layer=2, n_head=4, n_embd=64, vocab_size=300, n_positions=64, attn_implementation="eager"))
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.mul_(6.0)  # peaked distributions: greedy paths that are not one repeated token
+    hf.eval().save_pretrained(tmp_path)
+    config, params = load_pretrained(tmp_path)
+    prompts = [[5, 17, 42, 7], [100, 3], [250, 251, 252, 253, 254, 255, 9]]
+    ours, _ = generate(config, params, prompts, 24, greedy=True)
+    for prompt, new in zip(prompts, ours):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=24, min_new_tokens=24,
+                              pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        assert new == ref[0, len(prompt):].tolist()
+        assert len(set(new)) > 2, "degenerate reference; the test would prove little"
+
+
+def test_batched_left_padded_equals_each_prompt_alone(tiny):
+    config, params = tiny
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [4], [7, 8, 9]]
+    together, _ = generate(config, params, prompts, 12, greedy=True)
+    for p, t in zip(prompts, together):
+        assert generate(config, params, [p], 12, greedy=True)[0][0] == t
+    # a padded array plus lengths is the same request
+    arr = np.zeros((3, 11), np.int32)
+    for i, p in enumerate(prompts):
+        arr[i, 11 - len(p):] = p
+    assert generate(config, params, arr, 12, greedy=True, lengths=[len(p) for p in prompts])[0] == together
+
+
+def test_top_k_1_is_greedy_and_seeds_reproduce(tiny):
+    config, params = tiny
+    prompts = [[1, 2, 3], [9, 8]]
+    greedy, _ = generate(config, params, prompts, 16, greedy=True)
+    assert generate(config, params, prompts, 16, top_k=1, temperature=1.3, rng=5)[0] == greedy
+    assert generate(config, params, prompts, 16, temperature=0)[0] == greedy
+    a = generate(config, params, prompts, 16, rng=7)[0]
+    assert generate(config, params, prompts, 16, rng=7)[0] == a
+    assert generate(config, params, prompts, 16, rng=8)[0] != a
+
+
+def test_stop_tokens_end_sequences_and_the_loop(tiny):
+    config, params = tiny
+    free, _ = generate(config, params, [[1, 2, 3], [4, 5]], 20, greedy=True)
+    stop = free[0][5]
+    out, lengths = generate(config, params, [[1, 2, 3], [4, 5]], 20, greedy=True, stop_tokens=[stop])
+    assert out[0] == free[0][: free[0].index(stop) + 1] and lengths[0] == len(out[0])
+    if stop in free[1]:
+        assert out[1] == free[1][: free[1].index(stop) + 1]
+    else:
+        assert out[1] == free[1]
+
+
+def test_compiles_once_per_bucket(tiny):
+    config, params = tiny
+    generate(config, params, [[1, 2, 3, 4, 5]], 10, temperature=0.9, rng=0)
+    before = _generate._cache_size()
+    generate(config, params, [[7, 1, 2, 3, 4, 5, 6]], 10, temperature=0.5, rng=1)       # prompt 7 <= bucket 8
+    generate(config, params, [[9, 9]], 12, temperature=1.5, top_k=5, rng=2)            # 12 new <= bucket 16
+    generate(config, params, [[3, 4, 5]], 9, top_p=0.7, rng=3)
+    generate(config, params, [[3, 4, 5]], 16, top_k=3, top_p=0.9, temperature=0.2, rng=jax.random.key(4))
+    assert _generate._cache_size() == before
+    generate(config, params, [[1, 2]] * 5, 10, rng=0)                                  # batch 5 -> 8: a new bucket
+    assert _generate._cache_size() == before + 1
+    generate(config, params, [[3]] * 7, 16, rng=1, temperature=0.3)                     # the same bucket again
+    assert _generate._cache_size() == before + 1
+
+
+def filtered_probs(logits, temperature, top_k, top_p):
+    """An independent numpy version of temperature -> top-k -> top-p filtering."""
+    z = logits / temperature
+    order = np.argsort(-z)
+    keep = np.zeros_like(z, bool)
+    p_sorted = np.exp(z[order] - z[order].max())
+    if top_k:
+        p_sorted[top_k:] = 0
+    p_sorted /= p_sorted.sum()
+    cum = 0.0
+    for rank, idx in enumerate(order):
+        if (top_k and rank >= top_k) or (rank > 0 and cum >= top_p):
+            break
+        keep[idx] = True
+        cum += p_sorted[rank]
+    probs = np.where(keep, np.exp(z - z.max()), 0.0)
+    return probs / probs.sum()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 6, None), (1.3, None, 0.8),
+                                                       (0.9, 10, 0.6)])
+def test_first_token_distribution_matches_filtered_softmax(tiny, temperature, top_k, top_p):
+    from scipy.stats import chisquare
+
+    from gpt_jax import GPT
+
+    config, params = tiny
+    prompt = [3, 14, 15, 9]
+    logits = np.asarray(GPT(config).apply({"params": params}, np.array([prompt])))[0, -1].astype(np.float64)
+    expected = filtered_probs(logits, temperature, top_k, top_p if top_p else 1.0)
+    n = 4096
+    out, _ = generate(config, params, [prompt] * n, 1, temperature=temperature, top_k=top_k, top_p=top_p, rng=11)
+    counts = np.bincount([o[0] for o in out], minlength=config.vocab_size)
+    assert counts[expected == 0].sum() == 0, "sampled a token the filters remove"
+    support = expected > 0
+    assert support.sum() >= 3
+    stat = chisquare(counts[support], n * expected[support])
+    assert stat.pvalue > 1e-3, (stat, counts[support], n * expected[support])
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(prompts=[[1] * 60], max_new_tokens=10), ["70 positions", "context of 64"]),
+    (dict(prompts=[[]], max_new_tokens=5), ["prompt 0 is empty"]),
+    (dict(prompts=[[1, 50]], max_new_tokens=5), ["token id 50", "[0, 50)"]),
+    (dict(prompts=[[1, -1]], max_new_tokens=5), ["token id -1"]),
+    (dict(prompts=[[1]], max_new_tokens=5, top_p=0.0), ["top_p", "(0, 1]"]),
+    (dict(prompts=[[1]], max_new_tokens=5, top_p=1.5), ["top_p"]),
+    (dict(prompts=[[1]], max_new_tokens=5, temperature=-1.0), ["temperature", ">= 0"]),
+    (dict(prompts=[[1]], max_new_tokens=0), ["max_new_tokens"]),
+    (dict(prompts=[], max_new_tokens=3), ["no prompts"]),
+])
+def test_bad_input_is_refused_before_compiling(tiny, kwargs, words):
+    config, params = tiny
+    before = _generate._cache_size()
+    with pytest.raises(GenerateError) as err:
+        generate(config, params, **kwargs)
+    for w in words:
+        assert w in str(err.value), str(err.value)
+    assert _generate._cache_size() == before
+
+
+def test_streaming_callback_sees_every_token(tiny):
+    config, params = tiny
+    seen = []
+    out, _ = generate(config, params, [[1, 2], [5]], 8, greedy=True, on_token=lambda i, t: seen.append((i, t.copy())))
+    assert [i for i, _ in seen] == list(range(8))
+    assert [int(t[0]) for _, t in seen] == out[0] and [int(t[1]) for _, t in seen] == out[1]
+
+
+def test_sample_cli_streams_from_hf_directory(tmp_path):
+    root = data_path("tiny-gpt2")
+    ref = json.loads((root / "reference_outputs.json").read_text())["cases"][0]
+    proc = subprocess.run([sys.executable, "-m", "gpt_jax.sample", "--checkpoint", str(root), "--prompt", ref["text"],
+                           "--max-new-tokens", "20", "--temperature", "0", "--tokenizer", str(data_path("gpt2-bpe"))],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    from gpt_jax import load_tokenizer
+
+    tok = load_tokenizer("gpt2", data_path("gpt2-bpe"))
+    assert proc.stdout.strip() == tok.decode(ref["greedy_20"]).strip()
+    assert "[20 tokens in" in proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "gpt_jax.sample", "--checkpoint", str(tmp_path)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert bad.returncode == 2 and "is not a training run" in bad.stderr
+
+
+def test_notebook_runs():
+    nbformat = pytest.importorskip("nbformat", reason="nbformat runs the example notebook (pip install -e '.[test]')")
+    nbclient = pytest.importorskip("nbclient", reason="nbclient runs the example notebook")
+    path = ROOT / "examples" / "generate.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(path.parent)}}).execute()
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "second call" in text and "Error" not in text
