@@ -18,7 +18,7 @@ import numpy as np
 from jax.experimental import io_callback
 
 from gpt_jax.config import GPTConfig
-from gpt_jax.model import GPT, init_cache
+from gpt_jax.model import Block, _layer_norm, attention_mask_BTS
 
 
 class GenerateError(ValueError):
@@ -57,25 +57,58 @@ def filter_logits(logits_BV, temperature, top_k, top_p):
     return jax.lax.cond((top_k > 0) | (top_p < 1.0), apply_filters, lambda x: x, logits_BV)
 
 
+def _forward(config: GPTConfig, params, layers, tokens_BT, pos_BT, key_valid_BS, caches, index):
+    """The model's forward pass over per-layer parameters and caches, as decoding wants it; returns
+    the logits of the last position only, [B, 1, V], and the updated caches.
+
+    `layers` holds each block's parameters as separate arrays and `caches` each block's own KV
+    buffers, so a decode step reads its weights where they lie and updates each cache in place
+    (slicing a layer out of the stacked [L, ...] arrays inside the loop copies it on every step).
+    Each layer is the model's own `Block`; tests check this path against the full forward pass.
+    """
+    dtype = jnp.dtype(config.dtype)
+    B, T = tokens_BT.shape
+    embedding_VD = params["wte"]["embedding"]
+    x_BTD = (embedding_VD[tokens_BT] + params["wpe"]["embedding"][pos_BT]).astype(dtype)
+    mask_BTS = attention_mask_BTS(jnp.broadcast_to(index + jnp.arange(T), (B, T)), key_valid_BS)
+    new_caches = []
+    for layer, cache in zip(layers, caches):
+        x_BTD, cache = Block(config).apply({"params": layer}, x_BTD, mask_BTS, cache, index)
+        new_caches.append(cache)
+    x_BTD = x_BTD[:, -1:]  # only the last position's logits are needed (prefill skips T - 1 of them)
+    if config.norm == "pre":
+        x_BTD = _layer_norm(config, None).apply({"params": params["ln_f"]}, x_BTD)
+    logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD.astype(dtype), preferred_element_type=jnp.float32)
+    return logits_BTV, new_caches
+
+
+def split_layers(params):
+    """The stacked block parameters as a list of per-layer trees (what `_generate` takes)."""
+    n = jax.tree.leaves(params["h"])[0].shape[0]
+    return [jax.tree.map(lambda a, i=i: a[i], params["h"]) for i in range(n)]
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_new_bucket", "greedy", "stream"))
-def _generate(params, tokens_BP, lengths_B, max_new, rng, temperature, top_k, top_p, stop_K, *,
+def _generate(params, layers, tokens_BP, lengths_B, max_new, rng, temperature, top_k, top_p, stop_K, *,
               config: GPTConfig, max_new_bucket: int, greedy: bool, stream: bool = False):
-    model = GPT(config)
     B, P = tokens_BP.shape
     S = P + max_new_bucket
+    dtype = jnp.dtype(config.dtype)
     pad_B = P - lengths_B
     slot_P = jnp.arange(P)
     valid_BP = slot_P[None, :] >= pad_B[:, None]
     key_valid_BS = jnp.concatenate([valid_BP, jnp.ones((B, max_new_bucket), bool)], axis=1)
-    out = model.apply({"params": params}, tokens_BP, position_ids=jnp.maximum(slot_P[None, :] - pad_B[:, None], 0),
-                      attention_mask=key_valid_BS, cache=init_cache(config, B, S), cache_index=0)
+    N, H = config.n_head, config.head_dim
+    caches = [{"k": jnp.zeros((B, N, H, S), dtype), "v": jnp.zeros((B, N, S, H), dtype)} for _ in layers]
+    logits_BPV, caches = _forward(config, params, layers, tokens_BP, jnp.maximum(slot_P[None, :] - pad_B[:, None], 0),
+                                  key_valid_BS, caches, 0)
 
     def cond(carry):
         i, _, _, done_B, _, _ = carry
         return (i < max_new) & ~jnp.all(done_B)
 
     def body(carry):
-        i, logits_BV, cache, done_B, out_BN, n_B = carry
+        i, logits_BV, caches, done_B, out_BN, n_B = carry
         if greedy:
             tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
         else:
@@ -87,11 +120,11 @@ def _generate(params, tokens_BP, lengths_B, max_new, rng, temperature, top_k, to
         out_BN = out_BN.at[:, i].set(tok_B)
         n_B = jnp.where(done_B, n_B, i + 1)
         done_B = done_B | jnp.any(tok_B[:, None] == stop_K[None, :], axis=-1)
-        step = model.apply({"params": params}, tok_B[:, None], position_ids=(lengths_B + i)[:, None],
-                           attention_mask=key_valid_BS, cache=cache, cache_index=P + i)
-        return i + 1, step.logits[:, 0], step.cache, done_B, out_BN, n_B
+        logits_B1V, caches = _forward(config, params, layers, tok_B[:, None], (lengths_B + i)[:, None], key_valid_BS,
+                                      caches, P + i)
+        return i + 1, logits_B1V[:, 0], caches, done_B, out_BN, n_B
 
-    carry = (jnp.int32(0), out.logits[:, -1], out.cache, jnp.zeros(B, bool),
+    carry = (jnp.int32(0), logits_BPV[:, -1], caches, jnp.zeros(B, bool),
              jnp.zeros((B, max_new_bucket), jnp.int32), jnp.zeros(B, jnp.int32))
     _, _, _, _, out_BN, n_B = jax.lax.while_loop(cond, body, carry)
     return out_BN, n_B
@@ -150,7 +183,7 @@ def generate(config: GPTConfig, params, prompts, max_new_tokens: int, *, tempera
     rng = jax.random.key(0) if rng is None else (jax.random.key(rng) if isinstance(rng, int) else rng)
     _on_token[0] = on_token
     try:
-        out, counts = _generate(params, tokens, lens, np.int32(max_new_tokens), rng, np.float32(temperature),
+        out, counts = _generate(params, split_layers(params), tokens, lens, np.int32(max_new_tokens), rng, np.float32(temperature),
                                 np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p), stop,
                                 config=config, max_new_bucket=_bucket(max_new_tokens), greedy=greedy,
                                 stream=on_token is not None)

@@ -45,14 +45,19 @@ REMAT_POLICIES = {
 class GPTOutput(NamedTuple):
     logits: jax.Array  # [B, T, V] float32
     hidden: jax.Array  # [B, T, D] final hidden states (after ln_f for GPT-2)
-    cache: Optional[dict]  # {"k", "v": [L, B, S, N, H]} when a cache was passed in
+    cache: Optional[dict]  # {"k": [L, B, N, H, S], "v": [L, B, N, S, H]} when a cache was passed in
 
 
 def init_cache(config: GPTConfig, batch_size: int, max_length: int, dtype=None) -> dict:
-    """A zeroed KV cache for `max_length` slots; pass it to GPT.apply with `cache_index`."""
-    shape = (config.n_layer, batch_size, max_length, config.n_head, config.head_dim)
+    """A zeroed KV cache for `max_length` slots; pass it to GPT.apply with `cache_index`.
+
+    Keys are stored transposed, [L, B, N, H, S], and values as [L, B, N, S, H]: the layouts the two
+    attention matmuls read directly, so a decode step moves no cached tensor (a [B, S, N, H] cache
+    costs two full transposes per layer per token).
+    """
+    L, B, N, H, S = config.n_layer, batch_size, config.n_head, config.head_dim, max_length
     dtype = dtype or jnp.dtype(config.dtype)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+    return {"k": jnp.zeros((L, B, N, H, S), dtype), "v": jnp.zeros((L, B, N, S, H), dtype)}
 
 
 def attention_mask_BTS(q_slot_BT, key_valid_BS):
@@ -109,21 +114,27 @@ class CausalSelfAttention(nn.Module):
         N, H = cfg.n_head, cfg.head_dim
         qkv_BT3D = _dense(3 * D, cfg, "c_attn")(x_BTD)
         q_BTNH, k_BTNH, v_BTNH = (a.reshape(B, T, N, H) for a in jnp.split(qkv_BT3D, 3, axis=-1))
-        if cache is not None:  # write this chunk into its slots, then attend over all slots
-            k_BSNH = jax.lax.dynamic_update_slice(cache["k"], k_BTNH.astype(cache["k"].dtype), (0, cache_index, 0, 0))
-            v_BSNH = jax.lax.dynamic_update_slice(cache["v"], v_BTNH.astype(cache["v"].dtype), (0, cache_index, 0, 0))
-            cache = {"k": k_BSNH, "v": v_BSNH}
-            k_BSNH, v_BSNH = k_BSNH.astype(q_BTNH.dtype), v_BSNH.astype(q_BTNH.dtype)
-        else:
-            k_BSNH, v_BSNH = k_BTNH, v_BTNH
-
         use_dropout = cfg.attn_pdrop > 0 and not self.deterministic
-        if cfg.attention == "reference" or use_dropout:
+        if cache is not None:  # write this chunk into its slots, then attend over all slots
+            k_BNHS = jax.lax.dynamic_update_slice(
+                cache["k"], k_BTNH.transpose(0, 2, 3, 1).astype(cache["k"].dtype), (0, 0, 0, cache_index))
+            v_BNSH = jax.lax.dynamic_update_slice(
+                cache["v"], v_BTNH.transpose(0, 2, 1, 3).astype(cache["v"].dtype), (0, 0, cache_index, 0))
+            cache = {"k": k_BNHS, "v": v_BNSH}
+            scale = 1.0 / math.sqrt(H)
+            scores_BNTS = jnp.einsum("btnh,bnhs->bnts", q_BTNH, k_BNHS.astype(q_BTNH.dtype),
+                                     preferred_element_type=jnp.float32) * scale
+            scores_BNTS = jnp.where(mask_BTS[:, None], scores_BNTS, jnp.finfo(jnp.float32).min)
+            probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1)
+            if use_dropout:
+                probs_BNTS = nn.Dropout(cfg.attn_pdrop, deterministic=False)(probs_BNTS)
+            y_BTNH = jnp.einsum("bnts,bnsh->btnh", probs_BNTS.astype(q_BTNH.dtype), v_BNSH.astype(q_BTNH.dtype))
+        elif cfg.attention == "reference" or use_dropout:
             dropout = nn.Dropout(cfg.attn_pdrop, deterministic=self.deterministic) if use_dropout else None
-            y_BTNH = reference_attention(q_BTNH, k_BSNH, v_BSNH, mask_BTS, dropout)
+            y_BTNH = reference_attention(q_BTNH, k_BTNH, v_BTNH, mask_BTS, dropout)
         else:
             impl = None if cfg.attention == "auto" else cfg.attention
-            y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BSNH, v_BSNH, mask=mask_BTS[:, None], implementation=impl)
+            y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, mask=mask_BTS[:, None], implementation=impl)
 
         # Residual projections start small, 0.02 / sqrt(2 * n_layer) (GPT-2 paper, section 2.3):
         # each block adds two of them to the residual stream, so its variance stays O(1) with depth.
@@ -196,7 +207,7 @@ class GPT(nn.Module):
     ):
         cfg = self.config
         B, T = tokens_BT.shape
-        S = T if cache is None else cache["k"].shape[2]
+        S = T if cache is None else cache["k"].shape[-1]
         dtype = jnp.dtype(cfg.dtype)
         q_slot_BT = jnp.broadcast_to(cache_index + jnp.arange(T), (B, T))
         if position_ids is None:
