@@ -26,5 +26,5 @@ def run_training(config_path, overrides) -> int:
           f"val loss {result.get('val_loss', float('nan')):.4f}, {result['seconds']:.0f} s; run in {tc.out_dir}")
     if tc.sample_tokens > 0:
         print("sample:\n" + sample_text(result["config"], result["params"], result["tokenizer"], tc.sample_prompt,
-                                        tc.sample_tokens, seed=tc.seed))
+                                        tc.sample_tokens, seed=tc.seed, temperature=tc.sample_temperature))
     return 0

@@ -130,6 +130,7 @@ class TrainConfig:
     out_dir: str = "runs/default"
     sample_tokens: int = 0  # >0 prints a sample of this many tokens at each eval
     sample_prompt: str = "\n"
+    sample_temperature: float = 0.8
 
 
 @dataclass(frozen=True)

@@ -303,7 +303,7 @@ def train(config: Config, verbose: bool = True) -> dict:
                               f"(ppl {record['val_ppl']:.2f})")
                     if tc.sample_tokens > 0 and main:
                         bar.write(sample_text(config, state.params, data.tokenizer, tc.sample_prompt, tc.sample_tokens,
-                                              seed=step))
+                                              seed=step, temperature=tc.sample_temperature))
                 ckpt.save(step, state, meta(), best=improved)
             if signals.received:
                 name = signal.Signals(signals.received).name

@@ -144,3 +144,33 @@ def test_eval_batches_are_fixed_and_errors_on_tiny_val():
     assert len(a) == 3 and all(np.array_equal(x, y) for x, y in zip(a, b))
     with pytest.raises(DataError, match="validation split"):
         eval_batches(TOKENS[:40], 16, 4, 3)
+
+
+def test_url_source_is_downloaded_once_into_the_cache(tmp_path):
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "corpus.txt").write_text("some text to learn from, line after line.\n" * 300)
+    hits = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Handler, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/corpus.txt"
+        first = prepare(cfg(tmp_path, url), verbose=False)
+        second = prepare(cfg(tmp_path, url), verbose=False)
+    finally:
+        server.shutdown()
+    assert hits == ["/corpus.txt"] and second.dir == first.dir
+    assert first.manifest["train_tokens"] + first.manifest["val_tokens"] == len("some text to learn from, line after line.\n") * 300

@@ -179,3 +179,22 @@ def test_sample_cli_loads_a_training_run(reference_run):
     samples = proc.stdout.split("--- sample 2 ---")
     assert len(samples) == 2 and all("ROMEO:" in s for s in samples)
     assert proc.stderr.count("[20 tokens in") == 2
+
+
+def test_bf16_compute_keeps_fp32_master_parameters():
+    import jax
+    import numpy as np
+
+    from gpt_jax.config import load_config
+    from gpt_jax.optim import make_optimizer, make_schedule
+    from gpt_jax.trainer import init_state, make_train_step
+
+    config = load_config(None, ["model.preset=gpt2-tiny", "model.dtype=bfloat16", "train.batch_size=4"])
+    optimizer = make_optimizer(config.optim, 10)
+    state = init_state(config, optimizer)
+    step = jax.jit(make_train_step(config, optimizer, make_schedule(config.optim, 10)))
+    batch = np.random.default_rng(0).integers(0, 512, (2, 2, 65)).astype(np.int32)  # 2 micro-batches
+    new, metrics = step(state, batch)
+    assert all(x.dtype == np.float32 for x in jax.tree.leaves(new.params))
+    assert np.isfinite(float(metrics["loss"])) and abs(float(metrics["loss"]) - np.log(512)) < 0.5
+    assert int(new.step) == 1
