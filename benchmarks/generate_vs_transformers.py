@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from gpt_jax import GPTConfig, init_params
-from gpt_jax.generate import generate
+from gpt_jax.bench import bench_generate
 
 
 def best_of(fn, repeats):
@@ -30,18 +30,6 @@ def best_of(fn, repeats):
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
-
-
-def bench_jax(config, params, prompts, new, repeats):
-    t = time.perf_counter()
-    generate(config, params, prompts, new, greedy=True)
-    first_long = time.perf_counter() - t
-    t = time.perf_counter()
-    generate(config, params, prompts, 1, greedy=True)
-    first_short = time.perf_counter() - t
-    long = best_of(lambda: generate(config, params, prompts, new, greedy=True), repeats)
-    short = best_of(lambda: generate(config, params, prompts, 1, greedy=True), repeats)
-    return {"prefill_s": short, "total_s": long, "compile_s": first_long - long + first_short - short}
 
 
 def bench_torch(prompts, new, repeats, threads):
@@ -82,14 +70,14 @@ def main():
           f"{device.platform} ({device.device_kind}), {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}")
     for batch in args.batches:
         prompts = rng.integers(0, config.vocab_size, (batch, args.prompt)).tolist()
-        results = {"gpt_jax": bench_jax(config, params, prompts, args.new, args.repeats)}
+        g = bench_generate(config, params, prompts, args.new, args.repeats)
+        rows.append({"impl": "gpt_jax", **{k: g[k] for k in ("batch", "prefill_ms", "decode_tok_s", "new_tok_s",
+                                                               "compile_s")}})
         if not args.skip_torch:
-            results["transformers"] = bench_torch(prompts, args.new, args.repeats, os.cpu_count())
-        for name, r in results.items():
-            decode = batch * (args.new - 1) / max(r["total_s"] - r["prefill_s"], 1e-9)
-            row = {"impl": name, "batch": batch, "prefill_ms": 1e3 * r["prefill_s"], "decode_tok_s": decode,
-                   "new_tok_s": batch * args.new / r["total_s"], "compile_s": r.get("compile_s")}
-            rows.append(row)
+            r = bench_torch(prompts, args.new, args.repeats, os.cpu_count())
+            rows.append({"impl": "transformers", "batch": batch, "prefill_ms": 1e3 * r["prefill_s"],
+                         "decode_tok_s": batch * (args.new - 1) / max(r["total_s"] - r["prefill_s"], 1e-9),
+                         "new_tok_s": batch * args.new / r["total_s"], "compile_s": None})
         if not args.skip_torch:
             ours, ref = rows[-2], rows[-1]
             ratio = ours["new_tok_s"] / ref["new_tok_s"]
