@@ -46,7 +46,7 @@ class GPTConfig:
     remat: Literal["none", "full", "dots"] = "none"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    attention: Literal["auto", "xla", "cudnn", "reference"] = "auto"
+    attention: Literal["auto", "xla", "cudnn", "reference"] = "auto"  # auto: einsum on CPU, else JAX's pick
 
     def __post_init__(self):
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):

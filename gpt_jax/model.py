@@ -129,7 +129,8 @@ class CausalSelfAttention(nn.Module):
             if use_dropout:
                 probs_BNTS = nn.Dropout(cfg.attn_pdrop, deterministic=False)(probs_BNTS)
             y_BTNH = jnp.einsum("bnts,bnsh->btnh", probs_BNTS.astype(q_BTNH.dtype), v_BNSH.astype(q_BTNH.dtype))
-        elif cfg.attention == "reference" or use_dropout:
+        elif cfg.attention == "reference" or use_dropout or (cfg.attention == "auto" and jax.default_backend() == "cpu"):
+            # On CPU the einsum path is the faster one (BENCHMARKS.md); elsewhere JAX picks cuDNN or XLA.
             dropout = nn.Dropout(cfg.attn_pdrop, deterministic=self.deterministic) if use_dropout else None
             y_BTNH = reference_attention(q_BTNH, k_BTNH, v_BTNH, mask_BTS, dropout)
         else:
