@@ -82,13 +82,15 @@ def reference_attention(q_BTNH, k_BSNH, v_BSNH, mask_BTS, dropout=None):
     return jnp.einsum("bnts,bsnh->btnh", probs_BNTS.astype(v_BSNH.dtype), v_BSNH)
 
 
-def _dense(features, config: GPTConfig, name, std=None):
+# Parameters carry logical axis names (embed, qkv, heads, mlp, vocab; `layers` for the scan axis);
+# gpt_jax/parallel.py maps them onto mesh axes in one table.
+def _dense(features, config: GPTConfig, name, axes, std=None):
     return nn.Dense(
         features,
         dtype=jnp.dtype(config.dtype),
         param_dtype=jnp.dtype(config.param_dtype),
-        kernel_init=nn.initializers.normal(std or config.initializer_range),
-        bias_init=nn.initializers.zeros,
+        kernel_init=nn.with_logical_partitioning(nn.initializers.normal(std or config.initializer_range), axes),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[-1:]),
         name=name,
     )
 
@@ -99,6 +101,8 @@ def _layer_norm(config: GPTConfig, name):
         epsilon=config.layer_norm_epsilon,
         dtype=jnp.dtype(config.dtype),
         param_dtype=jnp.dtype(config.param_dtype),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("embed",)),
         name=name,
     )
 
@@ -112,7 +116,7 @@ class CausalSelfAttention(nn.Module):
         cfg = self.config
         B, T, D = x_BTD.shape
         N, H = cfg.n_head, cfg.head_dim
-        qkv_BT3D = _dense(3 * D, cfg, "c_attn")(x_BTD)
+        qkv_BT3D = _dense(3 * D, cfg, "c_attn", ("embed", "qkv"))(x_BTD)
         q_BTNH, k_BTNH, v_BTNH = (a.reshape(B, T, N, H) for a in jnp.split(qkv_BT3D, 3, axis=-1))
         use_dropout = cfg.attn_pdrop > 0 and not self.deterministic
         if cache is not None:  # write this chunk into its slots, then attend over all slots
@@ -140,7 +144,7 @@ class CausalSelfAttention(nn.Module):
         # Residual projections start small, 0.02 / sqrt(2 * n_layer) (GPT-2 paper, section 2.3):
         # each block adds two of them to the residual stream, so its variance stays O(1) with depth.
         std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
-        y_BTD = _dense(D, cfg, "c_proj", std)(y_BTNH.reshape(B, T, D))
+        y_BTD = _dense(D, cfg, "c_proj", ("heads", "embed"), std)(y_BTNH.reshape(B, T, D))
         return nn.Dropout(cfg.resid_pdrop, deterministic=self.deterministic)(y_BTD), cache
 
 
@@ -151,9 +155,9 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x_BTD):
         cfg = self.config
-        h_BTF = ACTIVATIONS[cfg.activation](_dense(cfg.mlp_dim, cfg, "c_fc")(x_BTD))
+        h_BTF = ACTIVATIONS[cfg.activation](_dense(cfg.mlp_dim, cfg, "c_fc", ("embed", "mlp"))(x_BTD))
         std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
-        y_BTD = _dense(cfg.n_embd, cfg, "c_proj", std)(h_BTF)
+        y_BTD = _dense(cfg.n_embd, cfg, "c_proj", ("mlp", "embed"), std)(h_BTF)
         return nn.Dropout(cfg.resid_pdrop, deterministic=self.deterministic)(y_BTD)
 
 
@@ -217,9 +221,11 @@ class GPT(nn.Module):
         mask_BTS = attention_mask_BTS(q_slot_BT, key_valid_BS)
 
         wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-                       embedding_init=nn.initializers.normal(cfg.initializer_range), name="wte")
+                       embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
+                                                                  ("vocab", "embed")), name="wte")
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-                       embedding_init=nn.initializers.normal(0.01), name="wpe")  # 0.01 as in OpenAI's code
+                       embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.01), (None, "embed")),
+                       name="wpe")  # std 0.01 as in OpenAI's code
         x_BTD = wte(tokens_BT) + wpe(position_ids)
         x_BTD = nn.Dropout(cfg.embd_pdrop, deterministic=deterministic)(x_BTD)
 
@@ -233,13 +239,14 @@ class GPT(nn.Module):
             in_axes=(nn.broadcast, 0, nn.broadcast),
             length=cfg.n_layer,
             unroll=1 if cfg.scan_layers else cfg.n_layer,
+            metadata_params={nn.PARTITION_NAME: "layers"},
         )
         x_BTD, cache = blocks(cfg, deterministic, name="h")(x_BTD, mask_BTS, cache, cache_index)
 
         if cfg.norm == "pre":
             x_BTD = _layer_norm(cfg, "ln_f")(x_BTD)
         # Output layer tied to the token embedding (GPT-1 section 3.1); logits in fp32 for the loss.
-        embedding_VD = wte.embedding.astype(dtype)
+        embedding_VD = nn.unbox(wte.embedding).astype(dtype)
         logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD, preferred_element_type=jnp.float32)
         if cache is None and not return_hidden:
             return logits_BTV
@@ -256,8 +263,14 @@ def lm_loss(logits_BTV, targets_BT, weights_BT=None):
 
 
 def init_params(config: GPTConfig, rng, batch_shape=(1, 1)):
-    """Initialise parameters (a plain nested dict)."""
-    return GPT(config).init(rng, jnp.zeros(batch_shape, jnp.int32))["params"]
+    """Initialise parameters (a plain nested dict of arrays)."""
+    return nn.unbox(GPT(config).init(rng, jnp.zeros(batch_shape, jnp.int32))["params"])
+
+
+def logical_axes(config: GPTConfig):
+    """The logical axis names of every parameter (a tree of PartitionSpecs), from shapes alone."""
+    boxed = jax.eval_shape(lambda: GPT(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+    return nn.get_partition_spec(boxed)
 
 
 def param_count(config: GPTConfig) -> int:

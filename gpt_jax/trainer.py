@@ -30,6 +30,7 @@ from gpt_jax.data import Sampler, eval_batches, prepare
 from gpt_jax.flops import device_peak_flops, flops_per_token
 from gpt_jax.model import GPT, init_params, lm_loss
 from gpt_jax.optim import make_optimizer, make_schedule
+from gpt_jax.parallel import Single, make_strategy
 
 
 @flax.struct.dataclass
@@ -64,8 +65,9 @@ def make_loss_fn(config: Config):
     return loss_fn
 
 
-def make_train_step(config: Config, optimizer, schedule):
-    """The pure step; gradients are averaged over the A micro-batches of a [A, b, T + 1] batch."""
+def make_train_step(config: Config, optimizer, schedule, axis_name: str | None = None):
+    """The pure step; gradients are averaged over the A micro-batches of a [A, b, T + 1] batch, and
+    over devices with `lax.pmean` when `axis_name` names a pmap axis."""
     loss_fn = make_loss_fn(config)
 
     def train_step(state: TrainState, batch_ABT1):
@@ -80,6 +82,8 @@ def make_train_step(config: Config, optimizer, schedule):
         zeros = jax.tree.map(jnp.zeros_like, state.params)
         grads, losses = jax.lax.scan(micro, zeros, (jnp.arange(A), batch_ABT1))
         grads = jax.tree.map(lambda g: g / A, grads)
+        if axis_name is not None:
+            grads, losses = jax.lax.pmean((grads, losses), axis_name)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": losses.mean(), "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
@@ -194,8 +198,9 @@ def train(config: Config, verbose: bool = True) -> dict:
     tc, oc = config.train, config.optim
     main = jax.process_index() == 0
     say = (lambda *a: print(*a, flush=True)) if (verbose and main) else (lambda *a: None)
-    if tc.batch_size % oc.grad_accum:
-        raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by optim.grad_accum={oc.grad_accum}")
+    schedule = make_schedule(oc, tc.steps)
+    optimizer = make_optimizer(oc, tc.steps)
+    make_strategy(config, jax.eval_shape(lambda: init_state(config, optimizer)))  # batch / mesh errors first
 
     data = prepare(config.data, verbose=verbose and main)
     config = _resolve_vocab(config, data.tokenizer)
@@ -206,14 +211,14 @@ def train(config: Config, verbose: bool = True) -> dict:
         f"({data.tokenizer.kind}, vocab {data.tokenizer.vocab_size}) from {data.dir}")
 
     T = config.model.n_positions
-    schedule = make_schedule(oc, tc.steps)
-    optimizer = make_optimizer(oc, tc.steps)
     ckpt = Checkpointer(run_dir, keep=tc.keep_checkpoints)
     abstract = jax.eval_shape(lambda: init_state(config, optimizer))
+    strategy = make_strategy(config, abstract)
     sampler_state, best_val, start = {"epoch": 0, "cursor": 0}, math.inf, 0
-    restored = ckpt.restore_latest(abstract)
+    restored = ckpt.restore_latest(strategy.restore_target(abstract))
     if restored is not None:
         state, meta, start = restored
+        state = strategy.place(state)
         saved_model = meta["config"]["model"]
         if saved_model != dataclasses.asdict(config.model):
             diff = {k: (saved_model.get(k), v) for k, v in dataclasses.asdict(config.model).items()
@@ -223,21 +228,25 @@ def train(config: Config, verbose: bool = True) -> dict:
         sampler_state, best_val = meta["sampler"], meta.get("best_val", math.inf)
         say(f"resuming from step {start} in {run_dir / 'checkpoints'}")
     else:
-        state = init_state(config, optimizer)
+        state = strategy.init(lambda: init_state(config, optimizer))
     save_config(config, run_dir / "config.yaml")
     (run_dir / "tokenizer.json").write_text(json.dumps(data.tokenizer.spec()))
 
     sampler = Sampler(data.tokens("train"), T, tc.batch_size, tc.seed, jax.process_index(), jax.process_count(),
                       **sampler_state)
     val = eval_batches(data.tokens("val"), T, tc.batch_size, tc.eval_batches)
-    train_step = jax.jit(make_train_step(config, optimizer, schedule), donate_argnums=0)
+    train_step = strategy.compile_step(make_train_step(config, optimizer, schedule,
+                                                       "batch" if strategy.name == "pmap" else None))
     eval_step = jax.jit(make_eval_step(config))
     A = oc.grad_accum
-    tokens_per_step = tc.batch_size * T
+    acct = strategy.accounting
+    tokens_per_step = acct["tokens_per_step"]
     peak, peak_src = device_peak_flops(config.model.dtype)
+    peak *= strategy.n_devices
     flops_per_step = flops_per_token(config.model, T) * tokens_per_step
-    say(f"batch: {tc.batch_size} sequences x {T} tokens = {tokens_per_step:,} tokens/step "
-        f"({A} micro-batch(es)); MFU against {peak / 1e12:.2f} TFLOP/s ({peak_src})")
+    say(f"parallel: {strategy.describe()}; global batch {acct['global_batch']}, per-device batch "
+        f"{acct['per_device_batch']}, {A} accumulation step(s), {tokens_per_step:,} tokens/step; "
+        f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_src} x {strategy.n_devices})")
 
     log = MetricsLog(run_dir, main)
     signals = _Signals()
@@ -248,7 +257,8 @@ def train(config: Config, verbose: bool = True) -> dict:
 
     def evaluate(step):
         nonlocal best_val
-        losses = [float(eval_step(state.params, b)) for b in val]
+        params = strategy.params(state)
+        losses = [float(eval_step(params, b)) for b in val]
         val_loss = float(np.mean(losses))
         record = {"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
         log.write(record)
@@ -269,7 +279,7 @@ def train(config: Config, verbose: bool = True) -> dict:
             return
         step, metrics = pending
         pending = None
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        m = {k: float(v) for k, v in jax.device_get(strategy.metrics(metrics)).items()}
         if not math.isfinite(m["loss"]):
             last = ckpt.steps()
             raise FloatingPointError(
@@ -291,7 +301,7 @@ def train(config: Config, verbose: bool = True) -> dict:
     try:
         for step in range(start + 1, tc.steps + 1):
             batch = sampler.next().reshape(A, tc.batch_size // A // jax.process_count(), T + 1)
-            state, metrics = train_step(state, batch)
+            state, metrics = train_step(state, strategy.put_batch(batch))
             flush()
             pending = (step, metrics)
             if step % tc.eval_every == 0 or step == tc.steps or step % tc.save_every == 0 or signals.received:
@@ -302,9 +312,9 @@ def train(config: Config, verbose: bool = True) -> dict:
                     bar.write(f"step {step}: train loss {summary['loss']:.4f}, val loss {record['val_loss']:.4f} "
                               f"(ppl {record['val_ppl']:.2f})")
                     if tc.sample_tokens > 0 and main:
-                        bar.write(sample_text(config, state.params, data.tokenizer, tc.sample_prompt, tc.sample_tokens,
+                        bar.write(sample_text(config, strategy.params(state), data.tokenizer, tc.sample_prompt, tc.sample_tokens,
                                               seed=step, temperature=tc.sample_temperature))
-                ckpt.save(step, state, meta(), best=improved)
+                ckpt.save(step, strategy.for_checkpoint(state), meta(), best=improved)
             if signals.received:
                 name = signal.Signals(signals.received).name
                 ckpt.wait()
@@ -321,7 +331,8 @@ def train(config: Config, verbose: bool = True) -> dict:
         log.close()
     if main and (run_dir / "metrics.jsonl").is_file():
         plot_losses(run_dir)
-    summary.update(step=int(state.step), seconds=time.time() - t_start, config=config, params=state.params,
+    summary.update(step=int(strategy.for_checkpoint(state).step), seconds=time.time() - t_start, config=config,
+                   params=strategy.params(state),
                    tokenizer=data.tokenizer)
     return summary
 
@@ -339,7 +350,7 @@ def load_run(run_dir, which: str = "best"):
     tokenizer = load_tokenizer(json.loads((run_dir / "tokenizer.json").read_text()))
     ckpt = Checkpointer(run_dir, keep=config.train.keep_checkpoints)
     optimizer = make_optimizer(config.optim, config.train.steps)
-    abstract = jax.eval_shape(lambda: init_state(config, optimizer))
+    abstract = Single(config).restore_target(jax.eval_shape(lambda: init_state(config, optimizer)))
     try:
         restored = ckpt.restore_latest(abstract, ckpt.best if which == "best" else ckpt.last)
         if restored is None and which == "best":

