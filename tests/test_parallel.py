@@ -87,3 +87,34 @@ def test_batch_and_mesh_errors_before_compiling(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert proc.stdout.count("OK ") == 3
+
+
+def test_checkpoints_move_between_strategies_and_device_counts(tmp_path, corpus):
+    """pmap on 8 devices -> mesh fsdp on 4 -> single device, resuming each time: the single-device curve."""
+    base = ["--config", str(ROOT / "configs" / "quickstart.yaml"), "model.preset=gpt2-tiny", "model.n_layer=2",
+            "model.n_embd=64", "model.n_head=4", "model.n_positions=32", "model.scan_layers=true",
+            "train.batch_size=16", "train.log_every=1", "train.eval_every=100", "train.save_every=2",
+            "train.eval_batches=1", "train.sample_tokens=0", "optim.warmup_steps=2", "optim.decay_steps=6",
+            "optim.lr=3e-3", f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}"]
+
+    def run(out, devices, *extra):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+        proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *base, f"train.out_dir={tmp_path / out}", *extra],
+                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    def losses(out):
+        steps = {}
+        for line in (tmp_path / out / "metrics.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r["kind"] == "train":
+                steps[r["step"]] = r["loss"]
+        return [steps[s] for s in sorted(steps)]
+
+    run("ref", 1, "train.steps=6")
+    run("moved", 8, "train.steps=2", "parallel.strategy=pmap")
+    assert "resuming from step 2" in run("moved", 4, "train.steps=4", "parallel.strategy=mesh", "parallel.data=1",
+                                         "parallel.fsdp=4")
+    assert "resuming from step 4" in run("moved", 1, "train.steps=6", "parallel.strategy=single")
+    np.testing.assert_allclose(losses("moved"), losses("ref"), rtol=1e-5)
