@@ -118,3 +118,31 @@ def test_checkpoints_move_between_strategies_and_device_counts(tmp_path, corpus)
                                          "parallel.fsdp=4")
     assert "resuming from step 4" in run("moved", 1, "train.steps=6", "parallel.strategy=single")
     np.testing.assert_allclose(losses("moved"), losses("ref"), rtol=1e-5)
+
+
+def test_generate_with_sharded_parameters_gives_single_device_tokens(tmp_path):
+    script = textwrap.dedent("""
+        import jax, numpy as np
+        from gpt_jax import GPTConfig, init_params, generate
+        from gpt_jax.config import load_config
+        from gpt_jax.parallel import make_mesh, param_shardings
+        cfg = load_config(None, ["model.preset=gpt2-tiny", "model.n_head=4", "model.vocab_size=512"])
+        params = jax.tree.map(lambda x: x * 4 if x.ndim > 1 else x, init_params(cfg.model, jax.random.key(0)))
+        prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11]]
+        ref = generate(cfg.model, params, prompts, 12, greedy=True)[0]
+        sampled = generate(cfg.model, params, prompts, 12, temperature=0.9, top_k=20, rng=3)[0]
+        for extra in (["parallel.tensor=2", "parallel.data=4"], ["parallel.fsdp=4", "parallel.data=2"],
+                      ["parallel.tensor=8", "parallel.data=1"]):
+            c = load_config(None, ["model.preset=gpt2-tiny", "model.n_head=4", "model.vocab_size=512"] + extra)
+            mesh = make_mesh(c.parallel)
+            sharded = jax.device_put(params, param_shardings(c, mesh, params))
+            assert any(len(x.sharding.device_set) > 1 and not x.sharding.is_fully_replicated
+                       for x in jax.tree.leaves(sharded))
+            assert generate(cfg.model, sharded, prompts, 12, greedy=True)[0] == ref, extra
+            assert generate(cfg.model, sharded, prompts, 12, temperature=0.9, top_k=20, rng=3)[0] == sampled, extra
+            print("OK", extra)
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("OK ") == 3
