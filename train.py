@@ -14,11 +14,13 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML run config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layer=6 optim.lr=3e-4")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="compile one step, print per-device memory, train nothing")
     args = parser.parse_args(argv)
 
     from gpt_jax.cli import run_training
 
-    return run_training(args.config, args.overrides)
+    return run_training(args.config, args.overrides, dry_run=args.dry_run)
 
 
 if __name__ == "__main__":

@@ -10,11 +10,14 @@ from gpt_jax.data import DataError
 from gpt_jax.tokenizer import TokenizerError
 
 
-def run_training(config_path, overrides) -> int:
+def run_training(config_path, overrides, dry_run: bool = False) -> int:
     try:
         config = load_config(config_path, overrides)
-        from gpt_jax.trainer import sample_text, train
+        from gpt_jax.trainer import dry_run as compile_only, sample_text, train
 
+        if dry_run:
+            compile_only(config)
+            return 0
         result = train(config)
     except (ConfigError, DataError, TokenizerError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -337,6 +337,41 @@ def train(config: Config, verbose: bool = True) -> dict:
     return summary
 
 
+def dry_run(config: Config) -> dict:
+    """Compile one train step from abstract (sharded) inputs, allocate nothing, and report memory per
+    device: parameters and optimizer state from their shardings, temporaries from the executable.
+    The vocabulary is the config's (no data is read)."""
+    optimizer = make_optimizer(config.optim, config.train.steps)
+    abstract = jax.eval_shape(lambda: init_state(config, optimizer))
+    if config.parallel.strategy == "pmap":  # replicated parameters: the same layout as a data-only mesh
+        config = dataclasses.replace(config, parallel=dataclasses.replace(
+            config.parallel, strategy="mesh", data=jax.local_device_count(), fsdp=1, tensor=1))
+    strategy = make_strategy(config, abstract)
+    target = strategy.restore_target(abstract)
+    T, A = config.model.n_positions, config.optim.grad_accum
+    batch = jax.ShapeDtypeStruct((A, config.train.batch_size // A, T + 1), jnp.int32,
+                                 sharding=getattr(strategy, "batch_sh", None))
+    step = strategy.compile_step(make_train_step(config, optimizer, make_schedule(config.optim, config.train.steps)))
+    t = time.time()
+    compiled = step.lower(target, batch).compile()
+
+    def per_device(tree):
+        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    analysis = compiled.memory_analysis()
+    report = {"strategy": strategy.describe(), "compile_s": time.time() - t, "params_bytes": per_device(target.params),
+              "opt_state_bytes": per_device(target.opt_state),
+              "temp_bytes": int(getattr(analysis, "temp_size_in_bytes", 0) or 0),
+              "argument_bytes": int(getattr(analysis, "argument_size_in_bytes", 0) or 0)}
+    gib = 2**30
+    print(f"dry run: {report['strategy']}; global batch {config.train.batch_size} x {T}, {A} micro-batch(es); "
+          f"compiled in {report['compile_s']:.1f} s")
+    print(f"per device: parameters {report['params_bytes'] / gib:.3f} GiB, optimizer state "
+          f"{report['opt_state_bytes'] / gib:.3f} GiB, activations and temporaries {report['temp_bytes'] / gib:.3f} GiB "
+          f"(arguments per the executable: {report['argument_bytes'] / gib:.3f} GiB)")
+    return report
+
+
 def load_run(run_dir, which: str = "best"):
     """(Config, params, tokenizer) of a training run directory: the best checkpoint, or the last."""
     from gpt_jax.config import load_config

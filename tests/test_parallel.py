@@ -146,3 +146,26 @@ def test_generate_with_sharded_parameters_gives_single_device_tokens(tmp_path):
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("OK ") == 3
+
+
+def test_dry_run_reports_per_device_memory_shrinking_with_fsdp(tmp_path):
+    script = textwrap.dedent("""
+        import json
+        from gpt_jax.config import load_config
+        from gpt_jax.trainer import dry_run
+        base = ["model.preset=gpt2-tiny", "model.n_embd=128", "model.n_head=4", "train.batch_size=16",
+                "parallel.strategy=mesh"]
+        dp = dry_run(load_config(None, base + ["parallel.data=8"]))
+        fsdp = dry_run(load_config(None, base + ["parallel.data=1", "parallel.fsdp=8"]))
+        print("RESULT " + json.dumps([dp, fsdp]))
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "per device: parameters" in proc.stdout
+    dp, fsdp = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    from gpt_jax import GPTConfig, param_count
+
+    n = param_count(GPTConfig.preset("gpt2-tiny", n_embd=128, n_head=4))
+    assert dp["params_bytes"] == 4 * n and dp["opt_state_bytes"] >= 8 * n  # replicated: all of it per device
+    assert fsdp["params_bytes"] < dp["params_bytes"] / 6 and fsdp["opt_state_bytes"] < dp["opt_state_bytes"] / 6
