@@ -12,7 +12,6 @@ with scanned and with unrolled layers. Shapes: `baby` is nanoGPT's CPU baby GPT 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import time

@@ -160,17 +160,8 @@ def _build_tokenizer(cfg: DataConfig, files: list[Path], out: Path):
         tok = CharTokenizer(chars)
         (out / "tokenizer.json").write_text(json.dumps(tok.spec()))
         return tok
-    if cfg.tokenizer == "sentencepiece" and cfg.tokenizer_path is None:
-        # Trained on the source files (sentencepiece samples at most 2M lines of them).
-        import sentencepiece as spm
-
-        spm.SentencePieceTrainer.train(
-            input=",".join(str(f) for f in files), model_prefix=str(out / "tokenizer"),
-            vocab_size=cfg.sentencepiece_vocab_size, model_type="bpe", character_coverage=1.0, byte_fallback=True,
-            normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
-            allow_whitespace_only_pieces=True, max_sentence_length=1 << 16, input_sentence_size=2_000_000,
-            shuffle_input_sentence=True, num_threads=os.cpu_count() or 1, minloglevel=2)
-        return SentencePieceTokenizer(out / "tokenizer.model")
+    if cfg.tokenizer == "sentencepiece" and cfg.tokenizer_path is None:  # trained on the source files
+        return SentencePieceTokenizer.train(files, out / "tokenizer", vocab_size=cfg.sentencepiece_vocab_size)
     return load_tokenizer(cfg.tokenizer, cfg.tokenizer_path)
 
 

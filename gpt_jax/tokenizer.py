@@ -233,12 +233,14 @@ class SentencePieceTokenizer:
         self.eot_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
 
     @classmethod
-    def train(cls, text_file, model_prefix, vocab_size: int = 4096, model_type: str = "bpe") -> "SentencePieceTokenizer":
-        """Train on a text file; whitespace and newlines are kept (byte fallback covers any character)."""
+    def train(cls, text_files, model_prefix, vocab_size: int = 4096, model_type: str = "bpe") -> "SentencePieceTokenizer":
+        """Train on a text file (or a list of them); whitespace and newlines are kept, byte fallback
+        covers any character, and at most 2M lines are sampled."""
         import sentencepiece as spm
 
+        files = [text_files] if isinstance(text_files, (str, Path)) else list(text_files)
         spm.SentencePieceTrainer.train(
-            input=str(text_file), model_prefix=str(model_prefix), vocab_size=vocab_size, model_type=model_type,
+            input=",".join(str(f) for f in files), model_prefix=str(model_prefix), vocab_size=vocab_size, model_type=model_type,
             character_coverage=1.0, byte_fallback=True, normalization_rule_name="identity",
             remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
             max_sentence_length=1 << 16, input_sentence_size=2_000_000, shuffle_input_sentence=True,

@@ -1,7 +1,6 @@
 """End-to-end runs of train.py in real subprocesses, with real signals."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
