@@ -25,6 +25,7 @@ from gpt_jax.flops import device_peak_flops, flops_per_token, flops_per_token_ll
 from gpt_jax.generate import generate
 from gpt_jax.model import param_count
 from gpt_jax.optim import make_optimizer, make_schedule
+from gpt_jax.parallel import check_batch
 from gpt_jax.trainer import init_state, make_train_step
 
 
@@ -45,8 +46,7 @@ def _memory(compiled) -> dict:
 def bench_train(config: Config, steps: int = 10, warmup: int = 2) -> dict:
     """Compile (timed apart) and run `steps` optimizer steps on random tokens."""
     tc, oc, mc = config.train, config.optim, config.model
-    if tc.batch_size % oc.grad_accum:
-        raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by optim.grad_accum={oc.grad_accum}")
+    check_batch(config, 1)
     T = mc.n_positions
     optimizer = make_optimizer(oc, tc.steps)
     state = init_state(config, optimizer)

@@ -19,12 +19,13 @@ import orbax.checkpoint as ocp
 class Checkpointer:
     def __init__(self, run_dir, keep: int = 2):
         run_dir = Path(run_dir).resolve()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
-                                               enable_async_checkpointing=True)
-        self.last = ocp.CheckpointManager(run_dir / "checkpoints", options=options)
-        best_options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True, cleanup_tmp_directories=True,
-                                                    enable_async_checkpointing=True)
-        self.best = ocp.CheckpointManager(run_dir / "best", options=best_options)
+
+        def manager(name, keep_n):
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep_n, create=True, cleanup_tmp_directories=True,
+                                                   enable_async_checkpointing=True)
+            return ocp.CheckpointManager(run_dir / name, options=options)
+
+        self.last, self.best = manager("checkpoints", keep), manager("best", 1)
 
     @staticmethod
     def _args(state, meta):

@@ -103,13 +103,12 @@ def batch_sharding(mesh) -> NamedSharding:
     return NamedSharding(mesh, P(None, BATCH_AXES, None))
 
 
-def check_batch(config: Config, n_devices: int, strategy: str, mesh=None) -> dict:
-    """Batch accounting, or a clear error before anything compiles."""
+def check_batch(config: Config, shards: int) -> dict:
+    """Batch accounting over `shards` data shards, or a clear error before anything compiles."""
     tc, oc = config.train, config.optim
     if tc.batch_size % oc.grad_accum:
         raise ConfigError(f"train.batch_size={tc.batch_size} is not divisible by optim.grad_accum={oc.grad_accum}")
     micro = tc.batch_size // oc.grad_accum
-    shards = n_devices if strategy == "pmap" else (mesh.shape["data"] * mesh.shape["fsdp"] if mesh is not None else 1)
     if micro % shards:
         raise ConfigError(f"a micro-batch of {micro} sequences (train.batch_size={tc.batch_size} / "
                           f"optim.grad_accum={oc.grad_accum}) does not split over {shards} data shards; "
@@ -135,7 +134,7 @@ class Single:
     def __init__(self, config: Config):
         self.device = jax.local_devices()[0]
         self.n_devices, self.mesh = 1, None
-        self.accounting = check_batch(config, 1, "single")
+        self.accounting = check_batch(config, 1)
 
     def describe(self) -> str:
         return f"single device ({self.device.device_kind})"
@@ -175,7 +174,7 @@ class Pmap(Single):
     def __init__(self, config: Config):
         self.devices = jax.local_devices()
         self.n_devices, self.mesh, self.device = len(self.devices), None, self.devices[0]
-        self.accounting = check_batch(config, self.n_devices, "pmap")
+        self.accounting = check_batch(config, self.n_devices)
 
     def describe(self) -> str:
         return f"pmap over {self.n_devices} local devices ({self.device.device_kind})"
@@ -212,7 +211,7 @@ class Mesh(Single):
     def __init__(self, config: Config, abstract_state):
         self.mesh = make_mesh(config.parallel)
         self.n_devices = self.mesh.size
-        self.accounting = check_batch(config, self.n_devices, "mesh", self.mesh)
+        self.accounting = check_batch(config, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         self.state_sh = state_shardings(config, self.mesh, abstract_state)
         self.batch_sh = batch_sharding(self.mesh)
 
@@ -234,6 +233,16 @@ class Mesh(Single):
 
     def put_batch(self, batch_ABT1):
         return jax.device_put(batch_ABT1, self.batch_sh)
+
+
+def validate(config: Config) -> None:
+    """The batch and mesh checks every strategy makes, without building anything (fail fast)."""
+    kind = config.parallel.strategy
+    if kind == "mesh":
+        data, fsdp, _ = mesh_shape(config.parallel, jax.device_count())
+        check_batch(config, data * fsdp)
+    else:
+        check_batch(config, jax.local_device_count() if kind == "pmap" else 1)
 
 
 def make_strategy(config: Config, abstract_state):

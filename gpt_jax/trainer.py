@@ -30,7 +30,7 @@ from gpt_jax.data import Sampler, eval_batches, prepare
 from gpt_jax.flops import device_peak_flops, flops_per_token
 from gpt_jax.model import GPT, init_params, lm_loss
 from gpt_jax.optim import make_optimizer, make_schedule
-from gpt_jax.parallel import Single, make_strategy
+from gpt_jax.parallel import Single, make_strategy, validate as validate_parallel
 
 
 @flax.struct.dataclass
@@ -200,7 +200,7 @@ def train(config: Config, verbose: bool = True) -> dict:
     say = (lambda *a: print(*a, flush=True)) if (verbose and main) else (lambda *a: None)
     schedule = make_schedule(oc, tc.steps)
     optimizer = make_optimizer(oc, tc.steps)
-    make_strategy(config, jax.eval_shape(lambda: init_state(config, optimizer)))  # batch / mesh errors first
+    validate_parallel(config)  # batch / mesh errors before reading any data
 
     data = prepare(config.data, verbose=verbose and main)
     config = _resolve_vocab(config, data.tokenizer)
