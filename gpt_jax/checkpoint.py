@@ -13,7 +13,10 @@ import shutil
 import sys
 from pathlib import Path
 
+import jax
 import orbax.checkpoint as ocp
+
+from gpt_jax.distributed import barrier
 
 
 class Checkpointer:
@@ -22,7 +25,10 @@ class Checkpointer:
 
         def manager(name, keep_n):
             options = ocp.CheckpointManagerOptions(max_to_keep=keep_n, create=True, cleanup_tmp_directories=True,
-                                                   enable_async_checkpointing=True)
+                                                   enable_async_checkpointing=True,
+                                                   # two managers save the same step at once: distinct barriers
+                                                   multiprocessing_options=ocp.options.MultiprocessingOptions(
+                                                       barrier_sync_key_prefix=name))
             return ocp.CheckpointManager(run_dir / name, options=options)
 
         self.last, self.best = manager("checkpoints", keep), manager("best", 1)
@@ -53,9 +59,11 @@ class Checkpointer:
                 return restored["state"], restored["meta"], step
             except Exception as e:  # a damaged or partial checkpoint: say so, move it aside, use the one before
                 aside = Path(manager.directory).parent / "corrupt" / f"{Path(manager.directory).name}-{step}"
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                shutil.rmtree(aside, ignore_errors=True)
-                shutil.move(str(Path(manager.directory) / str(step)), aside)
+                if jax.process_index() == 0:  # one process moves it; the others wait and see it gone
+                    aside.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.rmtree(aside, ignore_errors=True)
+                    shutil.move(str(Path(manager.directory) / str(step)), aside)
+                barrier(f"gpt_jax: checkpoint {step} moved aside")
                 manager.reload()
                 print(f"checkpoint at step {step} in {manager.directory} cannot be restored "
                       f"({type(e).__name__}: {str(e)[:200]}); moved it to {aside} and trying the previous one",

@@ -13,6 +13,9 @@ from gpt_jax.tokenizer import TokenizerError
 def run_training(config_path, overrides, dry_run: bool = False) -> int:
     try:
         config = load_config(config_path, overrides)
+        from gpt_jax.distributed import initialize
+
+        initialize(config.parallel)  # multi-host: before anything touches a device
         from gpt_jax.trainer import dry_run as compile_only, sample_text, train
 
         if dry_run:
@@ -24,10 +27,14 @@ def run_training(config_path, overrides, dry_run: bool = False) -> int:
         return 2 if not isinstance(e, FloatingPointError) else 3
     if result["interrupted"]:
         return 128 + signal.Signals[result["interrupted"]].value
+    import jax
+
+    if jax.process_index() != 0:  # process 0 reports for a multi-host run
+        return 0
     tc = result["config"].train
     print(f"done: step {result['step']}, train loss {result.get('loss', float('nan')):.4f}, "
           f"val loss {result.get('val_loss', float('nan')):.4f}, {result['seconds']:.0f} s; run in {tc.out_dir}")
-    if tc.sample_tokens > 0:
+    if tc.sample_tokens > 0 and (jax.process_count() == 1 or result["config"].parallel.strategy != "mesh"):
         print("sample:\n" + sample_text(result["config"], result["params"], result["tokenizer"], tc.sample_prompt,
                                         tc.sample_tokens, seed=tc.seed, temperature=tc.sample_temperature))
     return 0

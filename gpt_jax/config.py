@@ -139,6 +139,13 @@ class ParallelConfig:
     data: int = -1  # mesh axis sizes; -1 fills the remaining devices
     fsdp: int = 1
     tensor: int = 1
+    # Multi-host (jax.distributed). "auto": initialise when a coordinator address is given (here or
+    # in $JAX_COORDINATOR_ADDRESS) or a multi-process SLURM / Open MPI job is detected; "on": always,
+    # letting JAX detect the rest (TPU pod slices); "off": never.
+    distributed: Literal["auto", "on", "off"] = "auto"
+    coordinator_address: Optional[str] = None  # host:port of process 0; env JAX_COORDINATOR_ADDRESS
+    num_processes: Optional[int] = None  # env JAX_NUM_PROCESSES
+    process_id: Optional[int] = None  # env JAX_PROCESS_ID
 
 
 @dataclass(frozen=True)

@@ -159,34 +159,55 @@ class Single:
         return jax.jit(step_fn, donate_argnums=0)
 
     def put_batch(self, batch_ABT1):
+        """This process's rows of a global [A, b, T + 1] batch, placed for the step."""
         return batch_ABT1
+
+    def put_eval(self, batch_BT1):
+        """A whole [B, T + 1] evaluation batch (the same on every process), placed for `params`."""
+        return batch_BT1
 
     def metrics(self, metrics):
         return metrics
 
 
 class Pmap(Single):
-    """Data parallel over the local devices: replicated state, `lax.pmean` of gradients."""
+    """Data parallel over the local devices: replicated state, `lax.pmean` of gradients. In a
+    multi-host run every process pmaps over its own devices and the pmean spans all of them."""
 
     name = "pmap"
     axis_name = "batch"
 
     def __init__(self, config: Config):
         self.devices = jax.local_devices()
-        self.n_devices, self.mesh, self.device = len(self.devices), None, self.devices[0]
+        self.n_local, self.n_devices, self.mesh = len(self.devices), jax.device_count(), None
+        self.device = self.devices[0]
         self.accounting = check_batch(config, self.n_devices)
+        self.replicated = NamedSharding(jax.make_mesh((self.n_devices,), ("all",), axis_types=(AxisType.Auto,)), P())
 
     def describe(self) -> str:
-        return f"pmap over {self.n_devices} local devices ({self.device.device_kind})"
+        where = f" on each of {jax.process_count()} processes" if jax.process_count() > 1 else ""
+        return f"pmap over {self.n_local} local devices{where} ({self.device.device_kind})"
+
+    def restore_target(self, abstract):
+        if jax.process_count() == 1:
+            return super().restore_target(abstract)
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), abstract)
 
     def place(self, state):
-        return jax.pmap(lambda x: x, devices=self.devices)(replicate(state, self.n_devices))
+        return jax.pmap(lambda x: x)(replicate(state, self.n_local))
 
     def init(self, init_fn):
         return self.place(jax.jit(init_fn)())
 
     def for_checkpoint(self, state):
-        return unreplicate(state)
+        if jax.process_count() == 1:
+            return unreplicate(state)
+
+        def global_replicated(x):  # one global array over every process's devices, for orbax
+            shards = [s.data.reshape(x.shape[1:]) for s in x.addressable_shards]
+            return jax.make_array_from_single_device_arrays(x.shape[1:], self.replicated, shards)
+
+        return jax.tree.map(global_replicated, state)
 
     def params(self, state):
         return unreplicate(state.params)
@@ -196,7 +217,7 @@ class Pmap(Single):
 
     def put_batch(self, batch_ABT1):
         A, b, T1 = batch_ABT1.shape
-        n = self.n_devices
+        n = self.n_local
         return batch_ABT1.reshape(A, n, b // n, T1).transpose(1, 0, 2, 3)
 
     def metrics(self, metrics):
@@ -232,17 +253,27 @@ class Mesh(Single):
                        out_shardings=(self.state_sh, NamedSharding(self.mesh, P())), donate_argnums=0)
 
     def put_batch(self, batch_ABT1):
-        return jax.device_put(batch_ABT1, self.batch_sh)
+        if jax.process_count() == 1:
+            return jax.device_put(batch_ABT1, self.batch_sh)
+        A, b, T1 = batch_ABT1.shape  # this process's rows; the global batch has process_count times as many
+        return jax.make_array_from_process_local_data(self.batch_sh, batch_ABT1, (A, b * jax.process_count(), T1))
+
+    def put_eval(self, batch_BT1):
+        sharding = NamedSharding(self.mesh, P(BATCH_AXES, None))
+        return jax.make_array_from_callback(batch_BT1.shape, sharding, lambda index: batch_BT1[index])
 
 
 def validate(config: Config) -> None:
     """The batch and mesh checks every strategy makes, without building anything (fail fast)."""
     kind = config.parallel.strategy
+    if kind == "single" and jax.process_count() > 1:
+        raise ConfigError(f"parallel.strategy=single runs on one device, but this is a {jax.process_count()}-process "
+                          "run; use parallel.strategy=pmap or mesh")
     if kind == "mesh":
         data, fsdp, _ = mesh_shape(config.parallel, jax.device_count())
         check_batch(config, data * fsdp)
     else:
-        check_batch(config, jax.local_device_count() if kind == "pmap" else 1)
+        check_batch(config, jax.device_count() if kind == "pmap" else 1)
 
 
 def make_strategy(config: Config, abstract_state):

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from gpt_jax.checkpoint import Checkpointer
 from gpt_jax.config import Config, ConfigError, save_config
 from gpt_jax.data import Sampler, eval_batches, prepare
+from gpt_jax.distributed import any_process, barrier
 from gpt_jax.flops import device_peak_flops, flops_per_token
 from gpt_jax.model import GPT, init_params, lm_loss
 from gpt_jax.optim import make_optimizer, make_schedule
@@ -202,7 +203,11 @@ def train(config: Config, verbose: bool = True) -> dict:
     optimizer = make_optimizer(oc, tc.steps)
     validate_parallel(config)  # batch / mesh errors before reading any data
 
-    data = prepare(config.data, verbose=verbose and main)
+    if main:  # process 0 prepares; the others then find it in a shared cache (or prepare their own copy)
+        data = prepare(config.data, verbose=verbose)
+    barrier("gpt_jax: data prepared")
+    if not main:
+        data = prepare(config.data, verbose=False)
     config = _resolve_vocab(config, data.tokenizer)
     run_dir = Path(tc.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -229,8 +234,9 @@ def train(config: Config, verbose: bool = True) -> dict:
         say(f"resuming from step {start} in {run_dir / 'checkpoints'}")
     else:
         state = strategy.init(lambda: init_state(config, optimizer))
-    save_config(config, run_dir / "config.yaml")
-    (run_dir / "tokenizer.json").write_text(json.dumps(data.tokenizer.spec()))
+    if main:
+        save_config(config, run_dir / "config.yaml")
+        (run_dir / "tokenizer.json").write_text(json.dumps(data.tokenizer.spec()))
 
     sampler = Sampler(data.tokens("train"), T, tc.batch_size, tc.seed, jax.process_index(), jax.process_count(),
                       **sampler_state)
@@ -248,6 +254,12 @@ def train(config: Config, verbose: bool = True) -> dict:
         f"{acct['per_device_batch']}, {A} accumulation step(s), {tokens_per_step:,} tokens/step; "
         f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_src} x {strategy.n_devices})")
 
+    if jax.process_count() > 1:
+        print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} of "
+              f"{jax.device_count()} devices; reads rows {sampler.rows.start}..{sampler.rows.stop - 1} of each "
+              f"global batch of {tc.batch_size}", flush=True)
+    # Sampling runs on one process: a model sharded across processes would need all of them.
+    can_sample = main and (jax.process_count() == 1 or strategy.name != "mesh")
     log = MetricsLog(run_dir, main)
     signals = _Signals()
     summary = {"run_dir": str(run_dir), "start_step": start, "interrupted": None, "best_val": best_val}
@@ -258,7 +270,7 @@ def train(config: Config, verbose: bool = True) -> dict:
     def evaluate(step):
         nonlocal best_val
         params = strategy.params(state)
-        losses = [float(eval_step(params, b)) for b in val]
+        losses = [float(eval_step(params, strategy.put_eval(b))) for b in val]
         val_loss = float(np.mean(losses))
         record = {"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
         log.write(record)
@@ -269,7 +281,9 @@ def train(config: Config, verbose: bool = True) -> dict:
 
     bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not (verbose and main), dynamic_ncols=True,
                file=sys.stdout, mininterval=1.0)
+    note = bar.write if (verbose and main) else (lambda *a: None)  # tqdm.write prints even when disabled
     pending = None  # (step, metrics) dispatched but not read yet: the host never waits on the device
+    done_step = start
     window_t, window_steps = time.time(), 0
 
     def flush():
@@ -304,21 +318,24 @@ def train(config: Config, verbose: bool = True) -> dict:
             state, metrics = train_step(state, strategy.put_batch(batch))
             flush()
             pending = (step, metrics)
-            if step % tc.eval_every == 0 or step == tc.steps or step % tc.save_every == 0 or signals.received:
+            stop = any_process(signals.received is not None)  # every process must stop at the same step
+            if step % tc.eval_every == 0 or step == tc.steps or step % tc.save_every == 0 or stop:
                 flush()
                 improved = False
                 if step % tc.eval_every == 0 or step == tc.steps:
                     record, improved = evaluate(step)
-                    bar.write(f"step {step}: train loss {summary['loss']:.4f}, val loss {record['val_loss']:.4f} "
+                    note(f"step {step}: train loss {summary['loss']:.4f}, val loss {record['val_loss']:.4f} "
                               f"(ppl {record['val_ppl']:.2f})")
-                    if tc.sample_tokens > 0 and main:
-                        bar.write(sample_text(config, strategy.params(state), data.tokenizer, tc.sample_prompt, tc.sample_tokens,
+                    if tc.sample_tokens > 0 and can_sample:
+                        note(sample_text(config, strategy.params(state), data.tokenizer, tc.sample_prompt, tc.sample_tokens,
                                               seed=step, temperature=tc.sample_temperature))
                 ckpt.save(step, strategy.for_checkpoint(state), meta(), best=improved)
-            if signals.received:
-                name = signal.Signals(signals.received).name
+            done_step = step
+            if stop:
+                # a signal to any one process of a multi-host run stops them all at the same step
+                name = signal.Signals(signals.received).name if signals.received else "SIGTERM"
                 ckpt.wait()
-                bar.write(f"received {name}: saved a checkpoint at step {step} in {run_dir}; "
+                note(f"{'received' if signals.received else 'another process received'} {name}: saved a checkpoint at step {step} in {run_dir}; "
                           "rerun the same command to resume")
                 summary["interrupted"] = name
                 break
@@ -331,7 +348,7 @@ def train(config: Config, verbose: bool = True) -> dict:
         log.close()
     if main and (run_dir / "metrics.jsonl").is_file():
         plot_losses(run_dir)
-    summary.update(step=int(strategy.for_checkpoint(state).step), seconds=time.time() - t_start, config=config,
+    summary.update(step=done_step, seconds=time.time() - t_start, config=config,
                    params=strategy.params(state),
                    tokenizer=data.tokenizer)
     return summary

@@ -1,0 +1,147 @@
+"""Multi-host training: 2 processes x 2 fake CPU devices on 127.0.0.1 (jax.distributed, gloo
+collectives) give the single-process losses, save, restore under another strategy, and split the
+data and the logging as a multi-host run must."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, data_path
+
+STEPS, FIRST = 8, 5
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "text.txt"
+    path.write_text(data_path("tinyshakespeare", "input.txt").read_text()[:60_000])
+    return path
+
+
+def base_args(corpus, out, cache):
+    # decay_steps fixed so a 5-step run continued to 8 follows the 8-step run's schedule
+    return ["model.preset=gpt2-tiny", "model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.n_positions=32",
+            "train.batch_size=16", "train.log_every=1", "train.eval_every=4", "train.save_every=5",
+            "train.eval_batches=1", "train.sample_tokens=0", "optim.warmup_steps=2", "optim.lr=3e-3",
+            f"optim.decay_steps={STEPS}", f"data.source={corpus}", f"data.cache_dir={cache}", f"train.out_dir={out}"]
+
+
+def env(devices):
+    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(args):
+    """train.py in 2 processes with 2 devices each; returns their (returncode, output)."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args,
+                               f"parallel.coordinator_address=127.0.0.1:{port}", "parallel.num_processes=2",
+                               f"parallel.process_id={i}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env(2), cwd=ROOT) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=420)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, out) for p, out in zip(procs, outs)]
+
+
+def train_records(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def single_losses(corpus, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("single")
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *base_args(corpus, tmp / "run", tmp / "cache"),
+                           f"train.steps={STEPS}", "parallel.strategy=single"],
+                          capture_output=True, text=True, env=env(1), cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [r["loss"] for r in train_records(tmp / "run") if r["kind"] == "train"]
+
+
+@pytest.mark.parametrize("first,then", [
+    (["parallel.strategy=pmap"], ["parallel.strategy=mesh"]),
+    (["parallel.strategy=mesh", "parallel.data=2", "parallel.fsdp=2"], ["parallel.strategy=pmap"]),
+], ids=["pmap-then-mesh", "mesh_fsdp2-then-pmap"])
+def test_two_processes_match_single_process_and_resume(tmp_path, corpus, single_losses, first, then):
+    run_dir = tmp_path / "run"
+    args = base_args(corpus, run_dir, tmp_path / "cache")
+    first_run = run_two_processes(args + [f"train.steps={FIRST}"] + first)
+    for i, (rc, out) in enumerate(first_run):
+        assert rc == 0, f"process {i}:\n{out[-4000:]}"
+    (_, out0), (_, out1) = first_run
+    # each process reads its own half of every global batch
+    assert "process 0 of 2: 2 of 4 devices; reads rows 0..7 of each global batch of 16" in out0
+    assert "process 1 of 2: 2 of 4 devices; reads rows 8..15 of each global batch of 16" in out1
+    # only process 0 reports
+    assert "done: step 5" in out0 and "val loss" in out0
+    assert "done:" not in out1 and "val loss" not in out1 and "config:" not in out1
+    assert (run_dir / "checkpoints" / str(FIRST)).is_dir()
+
+    # restore the 2-process checkpoint under the other strategy and train on to step 8
+    second_run = run_two_processes(args + [f"train.steps={STEPS}"] + then)
+    for i, (rc, out) in enumerate(second_run):
+        assert rc == 0, f"process {i}:\n{out[-4000:]}"
+    assert f"resuming from step {FIRST}" in second_run[0][1]
+
+    records = train_records(run_dir)
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    assert steps == list(range(1, STEPS + 1)), "one writer: every step logged exactly once"
+    losses = [r["loss"] for r in records if r["kind"] == "train"]
+    np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
+    assert losses[-1] < losses[0]
+
+
+def test_single_strategy_in_a_multi_process_run_is_a_clear_error(tmp_path, corpus):
+    results = run_two_processes(base_args(corpus, tmp_path / "run", tmp_path / "cache")
+                                + ["train.steps=1", "parallel.strategy=single"])
+    for rc, out in results:
+        assert rc == 2 and "use parallel.strategy=pmap or mesh" in out, out[-2000:]
+
+
+def test_where_the_distributed_settings_come_from(monkeypatch):
+    from gpt_jax.config import ConfigError, ParallelConfig
+    from gpt_jax.distributed import distributed_args
+
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "SLURM_PROCID",
+                 "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert distributed_args(ParallelConfig()) is None  # a plain single-process run
+    # `on` hands everything unset to JAX's own cluster detection (TPU pod slices)
+    assert distributed_args(ParallelConfig(distributed="on")) == {
+        "coordinator_address": None, "num_processes": None, "process_id": None}
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JAX_PROCESS_ID", "3")
+    assert distributed_args(ParallelConfig()) == {
+        "coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+    assert distributed_args(ParallelConfig(distributed="off")) is None
+    # the config wins over the environment
+    assert distributed_args(ParallelConfig(coordinator_address="h:9", process_id=0))["coordinator_address"] == "h:9"
+    with pytest.raises(ConfigError, match=r"process_id=4 is outside \[0, 4\)"):
+        distributed_args(ParallelConfig(process_id=4))
+    with pytest.raises(ConfigError, match="needs a port"):
+        distributed_args(ParallelConfig(coordinator_address="10.0.0.1"))
+    monkeypatch.setenv("JAX_PROCESS_ID", "x")
+    with pytest.raises(ConfigError, match="JAX_PROCESS_ID='x' is not an integer"):
+        distributed_args(ParallelConfig())
+    # a 2-task SLURM step is detected without an address: JAX finds the coordinator itself
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("SLURM_NTASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert distributed_args(ParallelConfig()) == {"coordinator_address": None, "num_processes": None,
+                                                  "process_id": None}
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    assert distributed_args(ParallelConfig()) is None
