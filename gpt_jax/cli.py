@@ -21,6 +21,15 @@ def run_training(config_path, overrides, dry_run: bool = False) -> int:
         if dry_run:
             compile_only(config)
             return 0
+        if config.mode == "finetune":
+            from gpt_jax.finetune import finetune
+
+            result = finetune(config)
+            best = result["best_dev_accuracy"]
+            print(f"done: {len(result['epochs'])} epochs, {result['seconds']:.0f} s"
+                  + (f", best dev accuracy {best:.4f}" if best is not None else "")
+                  + f"; run in {result['run_dir']}")
+            return 0
         result = train(config)
     except (ConfigError, DataError, TokenizerError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -148,6 +148,48 @@ class ParallelConfig:
     process_id: Optional[int] = None  # env JAX_PROCESS_ID
 
 
+TASKS = ("classification", "entailment", "similarity", "multiple_choice")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """GPT-1-style supervised fine-tuning (`mode: finetune`). Defaults follow the GPT-1 paper."""
+
+    task: Literal["classification", "entailment", "similarity", "multiple_choice"] = "classification"
+    train_file: Optional[str] = None  # TSV (with a header row) or JSONL
+    dev_file: Optional[str] = None  # accuracy after every epoch; the best checkpoint is kept
+    format: Literal["auto", "tsv", "jsonl"] = "auto"  # auto: by file extension
+    # role -> column / key. Roles: text, text_b (entailment: premise = text, hypothesis = text_b;
+    # similarity: the two texts), choices (multiple choice: a list key, or a list of columns), label.
+    fields: dict = field(default_factory=lambda: {"text": "sentence", "label": "label"})
+    labels: Optional[list] = None  # the label values in order; None: the sorted values in train_file
+    max_examples: Optional[int] = None  # use the first N training examples
+    init_from: Optional[str] = None  # a training run directory or a Hugging Face GPT-2 / GPT-1 directory
+    reinit: bool = False  # the init_from model's shape and tokenizer, but random weights (a baseline)
+    lm_coef: float = 0.5  # weight of the auxiliary language-modelling loss; 0 turns it off
+    clf_pdrop: float = 0.1  # dropout before the linear head
+    dropout: Optional[float] = 0.1  # transformer dropout while fine-tuning; None keeps the model's
+    lr: float = 6.25e-5
+    batch_size: int = 32
+    epochs: int = 3
+    warmup_fraction: float = 0.002  # linear warmup over this fraction of the steps, then linear decay to 0
+    weight_decay: float = 0.01
+    max_length: Optional[int] = None  # tokens per sequence, special tokens included; None: the context
+
+    def __post_init__(self):
+        for name in ("lr", "batch_size", "epochs"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"finetune.{name} must be positive, got {getattr(self, name)}")
+        if self.lm_coef < 0:
+            raise ConfigError(f"finetune.lm_coef must be >= 0, got {self.lm_coef}")
+        if not isinstance(self.fields, dict) or not all(isinstance(k, str) for k in self.fields):
+            raise ConfigError(f"finetune.fields must map roles to column names, got {self.fields!r}")
+        unknown = set(self.fields) - {"text", "text_b", "choices", "label"}
+        if unknown:
+            raise ConfigError(f"finetune.fields: unknown role(s) {sorted(unknown)}; roles are text, text_b, "
+                              "choices, label")
+
+
 @dataclass(frozen=True)
 class Config:
     model: GPTConfig = field(default_factory=GPTConfig)
@@ -155,6 +197,8 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    mode: Literal["pretrain", "finetune"] = "pretrain"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -205,6 +249,12 @@ def _coerce(value, tp, key: str):
     elif tp is str:
         if isinstance(value, str):
             return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    elif tp is list:
+        if isinstance(value, (list, tuple)):
+            return [str(v) for v in value]
     raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 

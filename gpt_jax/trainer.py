@@ -107,6 +107,11 @@ def _describe(config: Config) -> str:
     default = Config().to_dict()
     parts = []
     for section, values in config.to_dict().items():
+        if not isinstance(values, dict):  # a top-level key such as `mode`
+            parts += [f"{section}={values}"] if default[section] != values else []
+            continue
+        if section == "finetune" and config.mode != "finetune":
+            continue
         parts += [f"{section}.{k}={v}" for k, v in values.items() if default[section].get(k) != v]
     return " ".join(parts)
 
