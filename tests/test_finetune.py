@@ -268,3 +268,23 @@ def test_sliding_window_perplexity_and_choice_scores_against_direct_computation(
         seq = p + c
         want = sum(logp_direct(seq[:len(p) + i], c[i]) for i in range(len(c)))
         assert math.isclose(g, want, rel_tol=1e-5)
+
+
+def test_init_from_a_hugging_face_directory_and_reinit(tmp_path):
+    from gpt_jax.finetune import load_base
+    from gpt_jax.pretrained import save_pretrained
+
+    config = GPTConfig.preset("gpt2-tiny", vocab_size=50257, n_embd=32, n_head=2, n_layer=1, n_positions=16)
+    params = init_params(config, jax.random.key(5))
+    save_pretrained(config, params, tmp_path / "hf")
+    cfg = load_config(None, ["mode=finetune", f"finetune.init_from={tmp_path / 'hf'}"])
+    model, loaded, tok = load_base(cfg.finetune, cfg, jax.random.key(0))
+    assert model.n_embd == 32 and tok.kind == "gpt2"  # the GPT-2 BPE for a GPT-2 directory without its files
+    for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(a, b)
+    cfg = load_config(None, ["mode=finetune", f"finetune.init_from={tmp_path / 'hf'}", "finetune.reinit=true"])
+    _, fresh, _ = load_base(cfg.finetune, cfg, jax.random.key(0))
+    assert not np.allclose(fresh["wte"]["embedding"], params["wte"]["embedding"])
+    cfg = load_config(None, ["mode=finetune", f"finetune.init_from={tmp_path / 'nothing'}"])
+    with pytest.raises(Exception, match="is not a directory"):
+        load_base(cfg.finetune, cfg, jax.random.key(0))
