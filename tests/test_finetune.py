@@ -288,3 +288,25 @@ def test_init_from_a_hugging_face_directory_and_reinit(tmp_path):
     cfg = load_config(None, ["mode=finetune", f"finetune.init_from={tmp_path / 'nothing'}"])
     with pytest.raises(Exception, match="is not a directory"):
         load_base(cfg.finetune, cfg, jax.random.key(0))
+
+
+def test_zero_shot_multiple_choice_picks_the_most_likely_choice(tmp_path):
+    from gpt_jax.evaluate import choice_accuracy, continuation_logprobs
+
+    config = GPTConfig.preset("gpt2-tiny", vocab_size=TOK.vocab_size, n_positions=16)
+    params = init_params(config, jax.random.key(7))
+    path = tmp_path / "mc.jsonl"
+    rows = [{"ctx": "abc", "options": ["de", "fgh", "a"], "answer": i % 3} for i in range(3)]
+    rows.append({"ctx": "hhg", "options": ["a", "b", "c"], "answer": 1})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    r = choice_accuracy(config, params, TOK, read_records(path), text_field="ctx", label_field="answer",
+                        choices_field="options", path=path)
+    for row, pred in zip(rows, r["predictions"]):
+        scores = continuation_logprobs(config, params, [TOK.encode(row["ctx"])] * 3,
+                                       [TOK.encode(o) for o in row["options"]])
+        assert pred == int(np.argmax(scores))
+    assert r["accuracy"] == np.mean([p == row["answer"] for p, row in zip(r["predictions"], rows)])
+    path.write_text(json.dumps({"ctx": "a", "options": ["b", "c"], "answer": 5}) + "\n")
+    with pytest.raises(DataError, match="mc.jsonl line 1: label '5' is not a choice index in 0..1"):
+        choice_accuracy(config, params, TOK, read_records(path), text_field="ctx", label_field="answer",
+                        choices_field="options", path=path)
