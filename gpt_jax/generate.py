@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,9 +73,10 @@ def _forward(config: GPTConfig, params, layers, tokens_BT, pos_BT, key_valid_BS,
     x_BTD = (embedding_VD[tokens_BT] + params["wpe"]["embedding"][pos_BT]).astype(dtype)
     mask_BTS = attention_mask_BTS(jnp.broadcast_to(index + jnp.arange(T), (B, T)), key_valid_BS)
     new_caches = []
-    for layer, cache in zip(layers, caches):
-        x_BTD, cache = Block(config).apply({"params": layer}, x_BTD, mask_BTS, cache, index)
-        new_caches.append(cache)
+    with nn.intercept_methods(_transposed_mlp_proj):
+        for layer, cache in zip(layers, caches):
+            x_BTD, cache = Block(config).apply({"params": layer}, x_BTD, mask_BTS, cache, index)
+            new_caches.append(cache)
     x_BTD = x_BTD[:, -1:]  # only the last position's logits are needed (prefill skips T - 1 of them)
     if config.norm == "pre":
         x_BTD = _layer_norm(config, None).apply({"params": params["ln_f"]}, x_BTD)
@@ -82,10 +84,31 @@ def _forward(config: GPTConfig, params, layers, tokens_BT, pos_BT, key_valid_BS,
     return logits_BTV, new_caches
 
 
+def _transposed_mlp_proj(next_fun, args, kwargs, context):
+    """The MLP's output projection from a kernel stored [out, in] (see `split_layers`)."""
+    module = context.module
+    if not (isinstance(module, nn.Dense) and module.name == "c_proj" and context.method_name == "__call__"
+            and module.has_variable("params", "kernel_T")):
+        return next_fun(*args, **kwargs)
+    kernel_DF = module.get_variable("params", "kernel_T").astype(module.dtype)
+    y = jnp.einsum("btf,df->btd", args[0].astype(module.dtype), kernel_DF)
+    return y + module.get_variable("params", "bias").astype(module.dtype)[None, None, :]
+
+
 def split_layers(params):
-    """The stacked block parameters as a list of per-layer trees (what `_generate` takes)."""
+    """The stacked block parameters as a list of per-layer trees (what `_generate` takes).
+
+    The MLP's output projection is stored transposed, [n_embd, mlp_dim]: a one-token decode step
+    multiplies a vector by it, and on CPU that reads an [out, in] matrix about twice as fast as
+    [in, out] (BENCHMARKS.md, Generation). The other kernels read as fast either way."""
     n = jax.tree.leaves(params["h"])[0].shape[0]
-    return [jax.tree.map(lambda a, i=i: a[i], params["h"]) for i in range(n)]
+    layers = []
+    for i in range(n):
+        layer = jax.tree.map(lambda a, i=i: a[i], params["h"])
+        proj = layer["mlp"]["c_proj"]
+        layer = {**layer, "mlp": {**layer["mlp"], "c_proj": {"kernel_T": proj["kernel"].T, "bias": proj["bias"]}}}
+        layers.append(layer)
+    return layers
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_bucket", "greedy", "stream"))
