@@ -330,18 +330,18 @@ def train(config: Config, verbose: bool = True) -> dict:
                 if step % tc.eval_every == 0 or step == tc.steps:
                     record, improved = evaluate(step)
                     note(f"step {step}: train loss {summary['loss']:.4f}, val loss {record['val_loss']:.4f} "
-                              f"(ppl {record['val_ppl']:.2f})")
+                         f"(ppl {record['val_ppl']:.2f})")
                     if tc.sample_tokens > 0 and can_sample:
-                        note(sample_text(config, strategy.params(state), data.tokenizer, tc.sample_prompt, tc.sample_tokens,
-                                              seed=step, temperature=tc.sample_temperature))
+                        note(sample_text(config, strategy.params(state), data.tokenizer, tc.sample_prompt,
+                                         tc.sample_tokens, seed=step, temperature=tc.sample_temperature))
                 ckpt.save(step, strategy.for_checkpoint(state), meta(), best=improved)
             done_step = step
             if stop:
                 # a signal to any one process of a multi-host run stops them all at the same step
                 name = signal.Signals(signals.received).name if signals.received else "SIGTERM"
                 ckpt.wait()
-                note(f"{'received' if signals.received else 'another process received'} {name}: saved a checkpoint at step {step} in {run_dir}; "
-                          "rerun the same command to resume")
+                who = "received" if signals.received else "another process received"
+                note(f"{who} {name}: saved a checkpoint at step {step} in {run_dir}; rerun the same command to resume")
                 summary["interrupted"] = name
                 break
         flush()
