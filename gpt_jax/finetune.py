@@ -444,9 +444,10 @@ def finetune(config: Config, verbose: bool = True) -> dict:
             best = max(best, score)
             ckpt.save(step, {"params": params}, {**meta, "epoch": epoch + 1, **record}, best=improved)
             summary["epochs"].append(record)
-            bar.write(f"epoch {epoch + 1}: train accuracy {record['train_accuracy']:.4f}"
-                      + (f", dev accuracy {record['dev_accuracy']:.4f}" if "dev_accuracy" in record else "")
-                      + (" (best so far)" if improved else "")) if verbose else None
+            if verbose:
+                bar.write(f"epoch {epoch + 1}: train accuracy {record['train_accuracy']:.4f}"
+                          + (f", dev accuracy {record['dev_accuracy']:.4f}" if "dev_accuracy" in record else "")
+                          + (" (best so far)" if improved else ""))
     finally:
         bar.close()
         ckpt.wait()

@@ -68,8 +68,8 @@ def test_task_transformations_follow_figure_1(tmp_path):
 
 
 def test_heads_and_losses_match_transformers_double_heads(tmp_path):
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch", reason="torch runs the reference double-heads model")
+    transformers = pytest.importorskip("transformers", reason="transformers' OpenAIGPTDoubleHeadsModel is the reference")
     from gpt_jax.pretrained import save_pretrained
 
     base = tiny()
