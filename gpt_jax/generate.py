@@ -10,6 +10,7 @@ are traced values, so new prompts and settings in the same bucket reuse the comp
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Sequence
 
 import flax.linen as nn
@@ -73,41 +74,85 @@ def _forward(config: GPTConfig, params, layers, tokens_BT, pos_BT, key_valid_BS,
     x_BTD = (embedding_VD[tokens_BT] + params["wpe"]["embedding"][pos_BT]).astype(dtype)
     mask_BTS = attention_mask_BTS(jnp.broadcast_to(index + jnp.arange(T), (B, T)), key_valid_BS)
     new_caches = []
-    with nn.intercept_methods(_transposed_mlp_proj):
+    with nn.intercept_methods(_transposed_dense):
         for layer, cache in zip(layers, caches):
             x_BTD, cache = Block(config).apply({"params": layer}, x_BTD, mask_BTS, cache, index)
             new_caches.append(cache)
     x_BTD = x_BTD[:, -1:]  # only the last position's logits are needed (prefill skips T - 1 of them)
     if config.norm == "pre":
         x_BTD = _layer_norm(config, None).apply({"params": params["ln_f"]}, x_BTD)
-    logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD.astype(dtype), preferred_element_type=jnp.float32)
-    return logits_BTV, new_caches
+    logits_BV = _matmul_out_in(x_BTD[:, 0], embedding_VD.astype(dtype))
+    return logits_BV[:, None], new_caches
 
 
-def _transposed_mlp_proj(next_fun, args, kwargs, context):
-    """The MLP's output projection from a kernel stored [out, in] (see `split_layers`)."""
+def _matmul_out_in(x_MK, w_NK):
+    """x @ w.T for a weight stored [out, in]; for a few rows, computed as (w @ x.T).T.
+
+    For the few rows of a decode step, XLA's CPU matmuls read an [out, in] weight on the left about
+    1.5 to 2x as fast as any layout on the right (BENCHMARKS.md, Generation). The barrier keeps XLA
+    from folding the transpose back into a right-hand-side product. For many rows (a prefill) the
+    transpose of the output costs more than it saves, and the plain product is as fast as any; on
+    accelerators the matmul library takes either operand transposed, so the plain product is used."""
+    if x_MK.shape[0] > 32 or jax.default_backend() != "cpu":
+        return jnp.einsum("mk,nk->mn", x_MK, w_NK, preferred_element_type=jnp.float32)
+    y_NM = jax.lax.optimization_barrier(jnp.einsum("nk,mk->nm", w_NK, x_MK, preferred_element_type=jnp.float32))
+    return y_NM.T
+
+
+def _transposed_dense(next_fun, args, kwargs, context):
+    """A block's Dense layers from kernels stored [out, in] (see `split_layers`)."""
     module = context.module
-    if not (isinstance(module, nn.Dense) and module.name == "c_proj" and context.method_name == "__call__"
+    if not (isinstance(module, nn.Dense) and context.method_name == "__call__"
             and module.has_variable("params", "kernel_T")):
         return next_fun(*args, **kwargs)
-    kernel_DF = module.get_variable("params", "kernel_T").astype(module.dtype)
-    y = jnp.einsum("btf,df->btd", args[0].astype(module.dtype), kernel_DF)
-    return y + module.get_variable("params", "bias").astype(module.dtype)[None, None, :]
+    x = args[0].astype(module.dtype)
+    kernel_NK = module.get_variable("params", "kernel_T").astype(module.dtype)
+    y = _matmul_out_in(x.reshape(-1, x.shape[-1]), kernel_NK).astype(module.dtype)
+    y = y.reshape(*x.shape[:-1], kernel_NK.shape[0])
+    bias = module.get_variable("params", "bias").astype(module.dtype)
+    return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)
 
 
 def split_layers(params):
-    """The stacked block parameters as a list of per-layer trees (what `_generate` takes).
-
-    The MLP's output projection is stored transposed, [n_embd, mlp_dim]: a one-token decode step
-    multiplies a vector by it, and on CPU that reads an [out, in] matrix about twice as fast as
-    [in, out] (BENCHMARKS.md, Generation). The other kernels read as fast either way."""
+    """The stacked block parameters as a list of per-layer trees (what `_generate` takes), with every
+    Dense kernel stored transposed, [out, in], for `_matmul_out_in`."""
     n = jax.tree.leaves(params["h"])[0].shape[0]
-    layers = []
-    for i in range(n):
-        layer = jax.tree.map(lambda a, i=i: a[i], params["h"])
-        proj = layer["mlp"]["c_proj"]
-        layer = {**layer, "mlp": {**layer["mlp"], "c_proj": {"kernel_T": proj["kernel"].T, "bias": proj["bias"]}}}
-        layers.append(layer)
+
+    def transpose_kernels(tree):
+        if isinstance(tree, dict) and "kernel" in tree:
+            return {"kernel_T": tree["kernel"].T, **{k: v for k, v in tree.items() if k != "kernel"}}
+        return {k: transpose_kernels(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+    return [transpose_kernels(jax.tree.map(lambda a, i=i: a[i], params["h"])) for i in range(n)]
+
+
+_split_cache: dict = {}  # the decode layout of the most recent params: {"refs": weakrefs to its leaves, "layers": ...}
+
+
+def clear_decode_cache() -> None:
+    """Drop the per-layer decode copy of the weights that `generate` keeps for the last params used."""
+    _split_cache.clear()
+
+
+def decode_layers(params):
+    """`split_layers(params)`, kept for the next call with the same arrays.
+
+    Splitting costs about 80 ms for GPT-2 124M on a 2-core CPU, a third of a 128-token prefill, so
+    `generate` reuses the split while the same parameter arrays are alive. The copy is dropped as
+    soon as those arrays are freed, by the next call with other params, or by `clear_decode_cache`.
+    It holds as much memory as the block weights."""
+    leaves = jax.tree.leaves(params)
+    cached = _split_cache.get("refs")
+    if cached is not None and len(cached) == len(leaves) and all(
+            r() is leaf and not getattr(leaf, "is_deleted", lambda: False)() for r, leaf in zip(cached, leaves)):
+        return _split_cache["layers"]
+    _split_cache.clear()
+    layers = split_layers(params)
+    try:
+        refs = [weakref.ref(leaf, lambda _: _split_cache.clear()) for leaf in leaves]
+    except TypeError:  # leaves that cannot be weakly referenced are not cached
+        return layers
+    _split_cache.update(refs=refs, layers=layers)
     return layers
 
 
@@ -184,7 +229,8 @@ def generate(config: GPTConfig, params, prompts, max_new_tokens: int, *, tempera
 
     prompts: a list of token-id lists (any lengths), or a left-padded int array [B, P] with `lengths`.
     Returns (tokens, lengths): a list with each prompt's new tokens (up to and including a stop
-    token) and their counts. `greedy=True` (or temperature=0) takes the argmax. `on_token(i, tokens)`,
+    token) and their counts. `greedy=True` (or temperature=0) takes the argmax. The first call with
+    new params keeps a decode copy of their block weights while they are alive (`decode_layers`). `on_token(i, tokens)`,
     if given, is called on the host with step i's token for every batch row while decoding runs
     (rows that have stopped get 0).
     """
@@ -206,7 +252,7 @@ def generate(config: GPTConfig, params, prompts, max_new_tokens: int, *, tempera
     rng = jax.random.key(0) if rng is None else (jax.random.key(rng) if isinstance(rng, int) else rng)
     _on_token[0] = on_token
     try:
-        out, counts = _generate(params, split_layers(params), tokens, lens, np.int32(max_new_tokens), rng, np.float32(temperature),
+        out, counts = _generate(params, decode_layers(params), tokens, lens, np.int32(max_new_tokens), rng, np.float32(temperature),
                                 np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p), stop,
                                 config=config, max_new_bucket=_bucket(max_new_tokens), greedy=greedy,
                                 stream=on_token is not None)

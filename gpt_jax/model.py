@@ -107,6 +107,45 @@ def _layer_norm(config: GPTConfig, name):
     )
 
 
+def _decode_step_attention(cfg, q_BTNH, k_BTNH, v_BTNH, mask_BTS, cache, cache_index):
+    """Attention of one new position (T = 1) over the cache, then the cache update.
+
+    The step attends over the cache as it was, with the new key and value swapped in at their slot,
+    and writes them into the cache after. Written the plain way (update, then attend over the
+    updated cache) XLA copies every layer's cache on every decode step, two or four times: about a
+    fifth of a batch-1 GPT-2 step on CPU (BENCHMARKS.md, Generation). Reading first is not enough by
+    itself, since XLA does not know the reads end before the in-place write begins; so each write's
+    slot index is made to depend on a value its reads produce (`_after`), and the update is in place.
+    """
+    dtype = q_BTNH.dtype
+    k_old_BNHS, v_old_BNSH = cache["k"], cache["v"]
+    S = k_old_BNHS.shape[-1]
+    scale = 1.0 / math.sqrt(cfg.head_dim)
+    at_S = jnp.arange(S) == cache_index  # the new position's slot
+    scores_BNTS = jnp.einsum("btnh,bnhs->bnts", q_BTNH, k_old_BNHS.astype(dtype), preferred_element_type=jnp.float32)
+    new_BNT = jnp.einsum("btnh,btnh->bnt", q_BTNH, k_BTNH, preferred_element_type=jnp.float32)
+    k_slot = _after(cache_index, scores_BNTS)
+    scores_BNTS = jnp.where(at_S[None, None, None, :], new_BNT[..., None], scores_BNTS) * scale
+    scores_BNTS = jnp.where(mask_BTS[:, None], scores_BNTS, jnp.finfo(jnp.float32).min)
+    probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1)
+    p_new_BNT = jnp.sum(jnp.where(at_S[None, None, None, :], probs_BNTS, 0.0), axis=-1)
+    probs_old_BNTS = jnp.where(at_S[None, None, None, :], 0.0, probs_BNTS)
+    y_BTNH = jnp.einsum("bnts,bnsh->btnh", probs_old_BNTS.astype(dtype), v_old_BNSH.astype(dtype))
+    v_slot = _after(cache_index, y_BTNH)
+    y_BTNH = y_BTNH + (p_new_BNT.transpose(0, 2, 1)[..., None] * v_BTNH).astype(dtype)
+    k_BNHS = jax.lax.dynamic_update_slice(
+        k_old_BNHS, k_BTNH.transpose(0, 2, 3, 1).astype(k_old_BNHS.dtype), (0, 0, 0, k_slot))
+    v_BNSH = jax.lax.dynamic_update_slice(
+        v_old_BNSH, v_BTNH.transpose(0, 2, 1, 3).astype(v_old_BNSH.dtype), (0, 0, v_slot, 0))
+    return y_BTNH, {"k": k_BNHS, "v": v_BNSH}
+
+
+def _after(index, x):
+    """`index`, made to depend on `x` (one element of x is compared with +inf, which is never
+    smaller, and XLA does not fold that away): an op that takes it waits until x is computed."""
+    return index + (x.reshape(-1)[0] > jnp.inf).astype(jnp.asarray(index).dtype)
+
+
 class CausalSelfAttention(nn.Module):
     config: GPTConfig
     deterministic: bool = True
@@ -119,7 +158,9 @@ class CausalSelfAttention(nn.Module):
         qkv_BT3D = _dense(3 * D, cfg, "c_attn", ("embed", "qkv"))(x_BTD)
         q_BTNH, k_BTNH, v_BTNH = (a.reshape(B, T, N, H) for a in jnp.split(qkv_BT3D, 3, axis=-1))
         use_dropout = cfg.attn_pdrop > 0 and not self.deterministic
-        if cache is not None:  # write this chunk into its slots, then attend over all slots
+        if cache is not None and T == 1:
+            y_BTNH, cache = _decode_step_attention(cfg, q_BTNH, k_BTNH, v_BTNH, mask_BTS, cache, cache_index)
+        elif cache is not None:  # write this chunk into its slots, then attend over all slots
             k_BNHS = jax.lax.dynamic_update_slice(
                 cache["k"], k_BTNH.transpose(0, 2, 3, 1).astype(cache["k"].dtype), (0, 0, 0, cache_index))
             v_BNSH = jax.lax.dynamic_update_slice(

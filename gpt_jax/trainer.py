@@ -422,10 +422,13 @@ def load_run(run_dir, which: str = "best"):
 def sample_text(config: Config, params, tokenizer, prompt: str, n_tokens: int, seed: int = 0,
                 temperature: float = 0.8, top_k: int | None = 200) -> str:
     """A sample continuation of `prompt` from the current parameters."""
-    from gpt_jax.generate import generate
+    from gpt_jax.generate import clear_decode_cache, generate
 
     ids = tokenizer.encode(prompt) or ([tokenizer.eot_id] if tokenizer.eot_id is not None else [0])
     n_tokens = min(n_tokens, config.model.n_positions - len(ids))
-    out, _ = generate(config.model, params, [ids], n_tokens, temperature=temperature,
-                      top_k=min(top_k or 0, config.model.vocab_size), rng=seed)
+    try:
+        out, _ = generate(config.model, params, [ids], n_tokens, temperature=temperature,
+                          top_k=min(top_k or 0, config.model.vocab_size), rng=seed)
+    finally:
+        clear_decode_cache()  # the next step replaces these params: free generate's copy of them now
     return prompt + tokenizer.decode(out[0])

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import ROOT, data_path
 from gpt_jax import GPTConfig, init_params, load_pretrained
-from gpt_jax.generate import GenerateError, _generate, generate
+from gpt_jax.generate import GenerateError, _generate, _split_cache, clear_decode_cache, decode_layers, generate
 
 TINY = GPTConfig.preset("gpt2-tiny", n_layer=2, n_positions=64, vocab_size=50)
 
@@ -91,6 +91,40 @@ def test_stop_tokens_end_sequences_and_the_loop(tiny):
         assert out[1] == free[1][: free[1].index(stop) + 1]
     else:
         assert out[1] == free[1]
+
+
+def test_decode_copy_of_the_weights_follows_the_params(tiny):
+    """`generate` reuses its per-layer copy of the weights only while the very same arrays are alive."""
+    import gc
+
+    config, params = tiny
+    prompts = [[1, 2, 3], [9, 8]]
+    a, _ = generate(config, params, prompts, 12, greedy=True)
+    assert decode_layers(params) is decode_layers(params)
+    # Other weights of the same shapes (as after a training step) must not be served from the copy.
+    other = jax.tree.map(lambda x: -1.5 * x, params)
+    b, _ = generate(config, other, prompts, 12, greedy=True)
+    clear_decode_cache()
+    assert generate(config, other, prompts, 12, greedy=True)[0] == b
+    assert b != a
+    # One leaf swapped in a dict that is otherwise the same also counts as other weights.
+    swapped = {**params, "wte": {"embedding": other["wte"]["embedding"]}}
+    generate(config, params, prompts, 12, greedy=True)
+    c, _ = generate(config, swapped, prompts, 12, greedy=True)
+    clear_decode_cache()
+    assert generate(config, swapped, prompts, 12, greedy=True)[0] == c
+    # The copy goes when the params go, or when their buffers are deleted (donated to a train step).
+    generate(config, other, prompts, 4, greedy=True)
+    assert _split_cache
+    del other, b
+    gc.collect()
+    assert not _split_cache
+    gone = jax.tree.map(lambda x: x + 0, params)
+    generate(config, gone, prompts, 4, greedy=True)
+    assert decode_layers(gone) is decode_layers(gone)
+    jax.tree.leaves(gone)[0].delete()
+    with pytest.raises(RuntimeError, match="deleted"):  # not the stale copy
+        decode_layers(gone)
 
 
 def test_compiles_once_per_bucket(tiny):
