@@ -229,10 +229,10 @@ def generate(config: GPTConfig, params, prompts, max_new_tokens: int, *, tempera
 
     prompts: a list of token-id lists (any lengths), or a left-padded int array [B, P] with `lengths`.
     Returns (tokens, lengths): a list with each prompt's new tokens (up to and including a stop
-    token) and their counts. `greedy=True` (or temperature=0) takes the argmax. The first call with
-    new params keeps a decode copy of their block weights while they are alive (`decode_layers`). `on_token(i, tokens)`,
+    token) and their counts. `greedy=True` (or temperature=0) takes the argmax. `on_token(i, tokens)`,
     if given, is called on the host with step i's token for every batch row while decoding runs
-    (rows that have stopped get 0).
+    (rows that have stopped get 0). The first call with new params keeps a decode copy of their
+    block weights while they are alive (`decode_layers`; `clear_decode_cache()` frees it).
     """
     if lengths is not None:
         arr = np.asarray(prompts)

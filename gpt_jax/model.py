@@ -158,7 +158,7 @@ class CausalSelfAttention(nn.Module):
         qkv_BT3D = _dense(3 * D, cfg, "c_attn", ("embed", "qkv"))(x_BTD)
         q_BTNH, k_BTNH, v_BTNH = (a.reshape(B, T, N, H) for a in jnp.split(qkv_BT3D, 3, axis=-1))
         use_dropout = cfg.attn_pdrop > 0 and not self.deterministic
-        if cache is not None and T == 1:
+        if cache is not None and T == 1 and not use_dropout:  # one decode step
             y_BTNH, cache = _decode_step_attention(cfg, q_BTNH, k_BTNH, v_BTNH, mask_BTS, cache, cache_index)
         elif cache is not None:  # write this chunk into its slots, then attend over all slots
             k_BNHS = jax.lax.dynamic_update_slice(
