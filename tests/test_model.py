@@ -75,7 +75,9 @@ def test_fast_attention_equals_reference(setup):
     mask = jnp.arange(16)[None, :] >= jnp.array([[0], [5]])  # second row left-padded by 5
     ref = logits_of(dataclasses.replace(cfg, attention="reference"), params, x, attention_mask=mask)
     fast = logits_of(dataclasses.replace(cfg, attention="xla"), params, x, attention_mask=mask)
-    np.testing.assert_allclose(ref, fast, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(ref[0], fast[0], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(ref[1, 5:], fast[1, 5:], atol=2e-5, rtol=1e-5)  # padding queries are unspecified
+    assert jnp.all(jnp.isfinite(fast))
 
 
 def test_scanned_equals_unrolled_and_remat_is_exact(setup):
