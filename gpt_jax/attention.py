@@ -117,7 +117,6 @@ def _triton(q_BTNH, k_BTNH, v_BTNH):
     return y[:, :T]
 
 
-@functools.lru_cache(maxsize=None)
 def _splash_kernel(T: int, N: int, block: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
@@ -142,8 +141,9 @@ KERNELS = {"xla": functools.partial(_dot_product, implementation="xla"),
 
 
 def _on_mesh(kernel):
-    """Under a mesh (the `mesh` strategy traces with one set), Pallas kernels run per shard:
-    batch split like the batch, heads like the attention heads; XLA cannot partition them itself."""
+    """Under a mesh (the `mesh` strategy traces with one set), a kernel runs per shard: batch split
+    like the batch, heads like the attention heads. XLA cannot partition a Pallas kernel itself, and
+    cuDNN's own partitioning rule is a Python callback at compile time; shard_map needs neither."""
     import flax.linen as nn
 
     mesh = jax.sharding.get_abstract_mesh()
@@ -168,9 +168,7 @@ def fused_attention(kernel: str, q_BTNH, k_BTNH, v_BTNH, pad_B=None):
     Padding queries get finite values that nothing should read."""
     if pad_B is not None:
         q_BTNH, k_BTNH, v_BTNH = (_rotate_rows(a, pad_B) for a in (q_BTNH, k_BTNH, v_BTNH))
-    fn = KERNELS[kernel]
-    if kernel in ("triton", "splash"):
-        fn = _on_mesh(fn)
+    fn = KERNELS[kernel] if kernel == "xla" else _on_mesh(KERNELS[kernel])
     y_BTNH = fn(q_BTNH, k_BTNH, v_BTNH)
     if pad_B is not None:
         y_BTNH = _rotate_rows(y_BTNH, -pad_B)

@@ -248,7 +248,7 @@ def train(config: Config, verbose: bool = True) -> dict:
     val = eval_batches(data.tokens("val"), T, tc.batch_size, tc.eval_batches)
     train_step = strategy.compile_step(make_train_step(config, optimizer, schedule,
                                                        "batch" if strategy.name == "pmap" else None))
-    eval_step = jax.jit(make_eval_step(config))
+    eval_step = strategy.compile_eval(make_eval_step(config))
     A = oc.grad_accum
     acct = strategy.accounting
     tokens_per_step = acct["tokens_per_step"]
