@@ -28,13 +28,16 @@ from gpt_jax.model import GPT
 from gpt_jax.tokenizer import TokenizerError
 
 
-def _scorer(config: GPTConfig):
+def _scorer(config: GPTConfig, with_argmax: bool = False):
     @jax.jit
     def token_logprobs(params, tokens_BT):
-        """log p(token t + 1 | tokens <= t): [B, T - 1]."""
+        """log p(token t + 1 | tokens <= t): [B, T - 1]; with_argmax: also whether it is the argmax."""
         logits = GPT(config).apply({"params": params}, tokens_BT[:, :-1])
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        return jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+        target_logp = jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+        if with_argmax:
+            return target_logp, jnp.argmax(logits, axis=-1) == tokens_BT[:, 1:]
+        return target_logp
 
     return token_logprobs
 
