@@ -94,3 +94,31 @@ def test_lambada_accuracy_and_perplexity_equal_direct_computation(tmp_path):
     assert r["n"] == 8 and 0 < sum(hits) < 8 and partial > 0
     assert r["accuracy"] == np.mean(hits)
     np.testing.assert_allclose(r["perplexity"], math.exp(np.mean(nll)), rtol=1e-5)
+
+
+def test_benchmark_command_scores_the_test_file(tmp_path, capsys):
+    """`python -m gpt_jax.evaluate benchmark lambada` on a GPT-2 checkpoint: its figures equal a direct
+    per-passage computation; a missing test file is one line naming the folder to give."""
+    from gpt_jax import load_pretrained
+    from gpt_jax.evaluate import main
+    from gpt_jax.tokenizer import load_tokenizer
+
+    model_dir, bpe_dir = data_path("tiny-gpt2"), data_path("gpt2-bpe")
+    (tmp_path / "lambada").mkdir()
+    lines = data_path("lambada", "lambada_test.jsonl").read_text().splitlines()[:5]
+    (tmp_path / "lambada" / "lambada_test.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["--checkpoint", str(model_dir), "--tokenizer", str(bpe_dir), "benchmark", "lambada"]
+    assert main(args + ["--data-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    config, params = load_pretrained(model_dir)
+    tok = load_tokenizer(bpe_dir)
+    nll = []
+    for line in lines:
+        context, _, word = json.loads(line)["text"].rpartition(" ")
+        ctx, tgt = tok.encode(context), tok.encode(" " + word)
+        logits = GPT(config).apply({"params": params}, np.asarray([ctx + tgt[:-1]], np.int32))[0]
+        logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)), np.float64)
+        nll.append(-sum(logp[len(ctx) - 1 + j, t] for j, t in enumerate(tgt)))
+    assert f"perplexity {math.exp(np.mean(nll)):.2f} over 5 passages" in printed
+    assert main(args + ["--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert "give --data-dir" in capsys.readouterr().err
