@@ -141,3 +141,25 @@ def test_best_holds_the_lowest_validation_loss(epoch_runs):
     best_step = min(val, key=val.get)
     assert best_step != max(val), f"the validation loss should rise at lr 0.2: {val}"  # else nothing is tested
     assert best_at_3 == [best_step]
+
+
+def test_finetuning_starts_from_the_init_from_weights(epoch_runs, tmp_path):
+    """Two fine-tuning steps at learning rate 1e-6 leave the transformer where `init_from` put it, within
+    what two AdamW steps can move (a few times lr each)."""
+    from gpt_jax.cli import run_training
+    from gpt_jax.finetune import load_finetuned
+
+    pretrained = epoch_runs[0]
+    config, pre, _ = load_run(pretrained, "last")
+    rows = [f"{text}\t{label}" for text, label in [("abc", 0), ("bad", 1), ("cafe", 0), ("head", 1)] * 2]
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
+    code = run_training(None, ["mode=finetune", f"finetune.init_from={pretrained}",
+                               f"finetune.train_file={tmp_path / 'train.tsv'}", "finetune.batch_size=4",
+                               "finetune.epochs=1", "finetune.lr=1e-6", f"train.out_dir={tmp_path / 'ft'}"])
+    assert code == 0
+    _, ft, _, _ = load_finetuned(tmp_path / "ft")
+    V = config.model.vocab_size  # the real rows: not the special tokens, nor the padding
+    ft = {**ft["gpt"], "wte": {"embedding": ft["gpt"]["wte"]["embedding"][:V]}}
+    pre = {**pre, "wte": {"embedding": pre["wte"]["embedding"][:V]}}
+    moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(ft), jax.tree.leaves(pre)))
+    assert moved < 1e-4, moved  # a fresh N(0, 0.02) initialisation would be ~0.1 away somewhere
