@@ -76,6 +76,26 @@ def test_import_pytorch_bin_without_torch_code(tmp_path, kind, name, shape):
     assert diff <= 1e-4
 
 
+def test_import_sharded_safetensors(tmp_path):
+    model = hf_model("gpt2", GPT2_SHAPES["small"])
+    model.save_pretrained(tmp_path, max_shard_size="40KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file() and len(list(tmp_path.glob("*.safetensors"))) > 2
+    config, params = load_pretrained(tmp_path)
+    diff, loss_diff = compare(model, config, params, 24)
+    assert diff <= 1e-4 and loss_diff <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_import_half_precision_pytorch_bin(tmp_path, dtype):
+    """A .bin saved in fp16 / bf16 gives the logits of the reference model with those rounded weights."""
+    model = hf_model("gpt2", GPT2_SHAPES["small"])
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.to(getattr(torch, dtype)).state_dict(), tmp_path / "pytorch_model.bin")
+    config, params = load_pretrained(tmp_path)
+    diff, _ = compare(model.float(), config, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params), 16)
+    assert diff <= 1e-4
+
+
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "gpt1-tiny"])
 def test_export_loads_in_transformers(tmp_path, preset):
     config = GPTConfig.preset(preset, n_head=2, activation="gelu_tanh")
