@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gpt_jax.cli import entry_point
 from gpt_jax.config import DataConfig
 from gpt_jax.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
 
@@ -184,8 +185,6 @@ def _cache_key(cfg: DataConfig, files: list[Path], hashes: list[str]) -> str:
 
 def prepare(cfg: DataConfig, verbose: bool = True) -> PreparedData:
     """Tokenize `cfg.source` into cached train.bin / val.bin (+ manifest.json); reuse a matching cache."""
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise DataError(f"data.val_fraction must be in (0, 1), got {cfg.val_fraction}")
     cache_dir = Path(cfg.cache_dir)
     files = resolve_source(cfg.source, cache_dir)
     hashes = [_sha256(f) for f in files]
@@ -293,11 +292,10 @@ def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, n_batches
     return [sampler.next() for _ in range(min(n_batches, n_windows // batch_size))]
 
 
+@entry_point
 def main(argv=None) -> int:
     """python -m gpt_jax.data SOURCE [--tokenizer KIND] [--tokenizer-path P] [--cache-dir D]"""
     import argparse
-
-    from gpt_jax.tokenizer import TokenizerError
 
     parser = argparse.ArgumentParser(description="Tokenize a corpus into cached train.bin / val.bin files.")
     parser.add_argument("source", help="text file, directory, glob, URL, or python-stdlib")
@@ -306,12 +304,8 @@ def main(argv=None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--cache-dir", default="data_cache")
     args = parser.parse_args(argv)
-    try:
-        prepared = prepare(DataConfig(source=args.source, tokenizer=args.tokenizer, tokenizer_path=args.tokenizer_path,
-                                      val_fraction=args.val_fraction, cache_dir=args.cache_dir))
-    except (DataError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    prepared = prepare(DataConfig(source=args.source, tokenizer=args.tokenizer, tokenizer_path=args.tokenizer_path,
+                                  val_fraction=args.val_fraction, cache_dir=args.cache_dir))
     m = prepared.manifest
     print(f"{m['train_tokens']:,} train / {m['val_tokens']:,} val tokens ({m['dtype']}) in {prepared.dir}")
     return 0

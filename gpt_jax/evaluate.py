@@ -22,10 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt_jax.cli import at_least, entry_point
 from gpt_jax.config import ConfigError, GPTConfig
 from gpt_jax.data import DataError
 from gpt_jax.model import GPT
-from gpt_jax.tokenizer import TokenizerError
 
 
 def _scorer(config: GPTConfig):
@@ -62,7 +62,7 @@ def perplexity(config: GPTConfig, params, ids, stride: int | None = None, batch_
     if ids.max() >= config.vocab_size or ids.min() < 0:
         raise DataError(f"token ids must be in [0, {config.vocab_size}); this tokenizer does not match the model")
     C = config.n_positions
-    stride = stride or C
+    stride = C if stride is None else stride
     windows = sliding_windows(len(ids), C, stride)
     score = _scorer(config)
     nll, count = 0.0, 0
@@ -140,6 +140,7 @@ def choice_accuracy(config, params, tokenizer, records, *, text_field="sentence"
     return {"accuracy": float((pred == np.array(gold)).mean()), "n": len(gold), "predictions": pred}
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a training run directory or a Hugging Face directory")
@@ -147,7 +148,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="what", required=True)
     ppl = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
     ppl.add_argument("--input", required=True)
-    ppl.add_argument("--stride", type=int, help="tokens the window moves each time (default: the context)")
+    ppl.add_argument("--stride", type=at_least(1), help="tokens the window moves each time (default: the context)")
     ch = sub.add_parser("choice", help="zero-shot classification / multiple choice by likelihood")
     ch.add_argument("--input", required=True, help="TSV (header row) or JSONL")
     ch.add_argument("--text-field", default="sentence")
@@ -157,33 +158,29 @@ def main(argv=None) -> int:
     ch.add_argument("--choices-field", help="multiple choice: the field with each example's list of choices")
     ch.add_argument("--template", default="{text}", help="the prompt, with {text} for the example's text")
     args = parser.parse_args(argv)
-    try:
-        from gpt_jax.sample import load_for_sampling
+    from gpt_jax.sample import load_for_sampling
 
-        config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer)
-        if args.what == "perplexity":
-            from pathlib import Path
+    config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer)
+    if args.what == "perplexity":
+        from pathlib import Path
 
-            path = Path(args.input)
-            if not path.is_file():
-                raise DataError(f"{path} does not exist")
-            r = perplexity(config, params, tok.encode(path.read_text()), args.stride)
-            print(f"perplexity {r['perplexity']:.4f} (nll {r['nll']:.4f} per token) over {r['tokens']:,} tokens, "
-                  f"{r['windows']} windows of up to {config.n_positions} tokens, stride {args.stride or config.n_positions}")
-        else:
-            from gpt_jax.finetune import read_records
+        path = Path(args.input)
+        if not path.is_file():
+            raise DataError(f"{path} does not exist")
+        r = perplexity(config, params, tok.encode(path.read_text()), args.stride)
+        print(f"perplexity {r['perplexity']:.4f} (nll {r['nll']:.4f} per token) over {r['tokens']:,} tokens, "
+              f"{r['windows']} windows of up to {config.n_positions} tokens, stride {args.stride or config.n_positions}")
+    else:
+        from gpt_jax.finetune import read_records
 
-            if not args.choices_field and not (args.labels and args.candidates
-                                               and len(args.labels) == len(args.candidates)):
-                raise ConfigError("choice needs --choices-field (multiple choice) or --labels and --candidates "
-                                  "of the same length (classification)")
-            r = choice_accuracy(config, params, tok, read_records(args.input), text_field=args.text_field,
-                                label_field=args.label_field, labels=args.labels, candidates=args.candidates,
-                                choices_field=args.choices_field, template=args.template, path=args.input)
-            print(f"zero-shot accuracy {r['accuracy']:.4f} on {r['n']} examples")
-    except (ConfigError, DataError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if not args.choices_field and not (args.labels and args.candidates
+                                           and len(args.labels) == len(args.candidates)):
+            raise ConfigError("choice needs --choices-field (multiple choice) or --labels and --candidates "
+                              "of the same length (classification)")
+        r = choice_accuracy(config, params, tok, read_records(args.input), text_field=args.text_field,
+                            label_field=args.label_field, labels=args.labels, candidates=args.candidates,
+                            choices_field=args.choices_field, template=args.template, path=args.input)
+        print(f"zero-shot accuracy {r['accuracy']:.4f} on {r['n']} examples")
     return 0
 
 

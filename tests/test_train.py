@@ -150,6 +150,9 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
     (["train.batch_size=eight"], ["train.batch_size", "expected int"]),
     (["data.source=/nonexistent/file.txt"], ["does not exist"]),
     (["optim.grad_accum=3"], ["not divisible by optim.grad_accum"]),
+    (["train.steps=0"], ["train.steps must be >= 1, got 0"]),
+    (["optim.lr=-1e-3"], ["optim.lr must be > 0, got -0.001"]),
+    (["train.out_dir=/bin/ls"], ["train.out_dir=/bin/ls is an existing file"]),
 ])
 def test_bad_config_or_data_fails_fast_with_a_clear_message(tmp_path, corpus, extra, words):
     t = time.time()
