@@ -102,19 +102,33 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _decode(decoder, raw: bytes, path: Path, offset: int) -> str:
+    """UTF-8 text of `raw` (bytes from `offset` of `path`), or a DataError: a corpus is text."""
+    try:
+        text = decoder.decode(raw, final=not raw)
+    except UnicodeDecodeError as e:
+        raise DataError(f"data source file {path} is not UTF-8 text (undecodable bytes near byte {offset + e.start}); "
+                        "give text files only, or convert it (e.g. iconv -t utf-8)") from None
+    if "\x00" in text:
+        raise DataError(f"data source file {path} holds NUL bytes near byte {offset + text.index(chr(0))}: it is "
+                        "binary, not text; give text files only")
+    return text
+
+
 def _text_chunks(path: Path, start: int = 0, stop: int | None = None):
     """Decoded text of bytes [start, stop) of a file, in chunks that end at a line start."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder = codecs.getincrementaldecoder("utf-8")()
     carry = ""
     with open(path, "rb") as f:
         f.seek(start)
         remaining = (stop - start) if stop is not None else None
         while True:
             n = CHUNK_BYTES if remaining is None else min(CHUNK_BYTES, remaining)
+            offset = f.tell()
             raw = f.read(n) if n else b""
             if remaining is not None:
                 remaining -= len(raw)
-            text = carry + decoder.decode(raw, final=not raw)
+            text = carry + _decode(decoder, raw, path, offset)
             if not raw:
                 if text:
                     yield text
@@ -219,7 +233,7 @@ def prepare(cfg: DataConfig, verbose: bool = True) -> PreparedData:
                     ids = np.asarray(tok.encode(chunk), dtype)
                     ids.tofile(sink)
                     counts[split] += len(ids)
-                    bar.update(len(chunk.encode("utf-8", errors="replace")))
+                    bar.update(len(chunk.encode("utf-8")))
                 if tok.eot_id is not None and len(files) > 1 and (stop is None):
                     np.asarray([tok.eot_id], dtype).tofile(sink)  # document boundary
                     counts[split] += 1
@@ -238,6 +252,21 @@ def prepare(cfg: DataConfig, verbose: bool = True) -> PreparedData:
     return PreparedData(out, tok, manifest)
 
 
+def check_windows(tokens: np.ndarray, block_size: int, batch_size: int, split: str = "train") -> None:
+    """A DataError unless `tokens` make one batch of windows of `block_size + 1` tokens from any
+    epoch offset (the sampler starts each epoch up to `block_size` tokens in)."""
+    if (len(tokens) - block_size - 1) // (block_size + 1) < batch_size:
+        fix = "raise data.val_fraction" if split == "val" else "use more text"
+        raise DataError(f"the {split} split ({len(tokens):,} tokens) is smaller than one batch of {batch_size} windows "
+                        f"of {block_size + 1} tokens; {fix}, or lower train.batch_size or model.n_positions")
+
+
+def check_batches(data: PreparedData, block_size: int, batch_size: int) -> None:
+    """Both splits of `data` hold a batch (checked before a run directory is touched)."""
+    for split in ("train", "val"):
+        check_windows(data.tokens(split), block_size, batch_size, split)
+
+
 class Sampler:
     """Deterministic batches of windows; the state is (epoch, cursor), saved in checkpoints.
 
@@ -253,9 +282,7 @@ class Sampler:
             raise DataError(f"global batch {batch_size} does not divide across {process_count} processes")
         self.tokens, self.T, self.B, self.seed = tokens, block_size, batch_size, seed
         self.rows = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
-        if (len(tokens) - 1) // (block_size + 1) < batch_size:
-            raise DataError(f"{len(tokens)} tokens make fewer than one batch of {batch_size} windows of "
-                            f"{block_size + 1} tokens; use more data, a smaller train.batch_size or model.n_positions")
+        check_windows(tokens, block_size, batch_size)
         self.epoch, self.cursor = epoch, cursor
         self._order_epoch, self._order, self._offset = None, None, 0
 
@@ -284,10 +311,8 @@ class Sampler:
 def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, n_batches: int, seed: int = 1234,
                  process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
     """A fixed set of validation batches (the same every evaluation and every run)."""
+    check_windows(tokens, block_size, batch_size, "val")
     n_windows = (len(tokens) - 1) // (block_size + 1)
-    if n_windows < batch_size:
-        raise DataError(f"the validation split ({len(tokens)} tokens) is smaller than one batch of {batch_size} x "
-                        f"{block_size + 1}; raise data.val_fraction or lower train.batch_size")
     sampler = Sampler(tokens, block_size, batch_size, seed, process_index, process_count)
     return [sampler.next() for _ in range(min(n_batches, n_windows // batch_size))]
 
