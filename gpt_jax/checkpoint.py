@@ -14,8 +14,10 @@ and is left as it is.
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import jax
@@ -72,10 +74,20 @@ class _Unreadable(Exception):
     """A checkpoint whose files cannot be read as the checkpoint they claim to be."""
 
 
-def _quiet_closed_event_loop() -> None:
-    """A failed restore leaves TensorStore reads in flight; when they finish after orbax closed its
-    event loop, each reports "Event loop is closed" as an unraisable exception. The failure itself
-    is reported, so these are dropped (once per process, other unraisable exceptions pass)."""
+class _OsErrorLogs(logging.Filter):
+    """Drops the ERROR records (with tracebacks) that orbax's writer threads and asyncio log for a
+    failed file-system write (TensorStore marks those os_error_code=N): orbax raises the same error
+    again in the thread that waits for the save, which reports it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + "".join(traceback.format_exception(*record.exc_info) if record.exc_info else [])
+        return record.levelno < logging.ERROR or "os_error_code=" not in text
+
+
+def _quiet_known_noise() -> None:
+    """Once per process: the logs above, and the "Event loop is closed" unraisable exceptions of
+    TensorStore reads still in flight when a failed restore has closed orbax's event loop (the
+    failure itself is reported). Other records and unraisable exceptions pass."""
     previous = sys.unraisablehook
     if getattr(previous, "gpt_jax_quiet", False):
         return
@@ -86,6 +98,8 @@ def _quiet_closed_event_loop() -> None:
 
     hook.gpt_jax_quiet = True
     sys.unraisablehook = hook
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_OsErrorLogs())
 
 
 class Checkpointer:
@@ -93,7 +107,7 @@ class Checkpointer:
         """`read_only`: a reader (sampling, evaluation) skips unreadable checkpoints without moving them."""
         run_dir = Path(run_dir).resolve()
         self.read_only = read_only
-        _quiet_closed_event_loop()
+        _quiet_known_noise()
 
         def manager(name, keep_n):
             options = ocp.CheckpointManagerOptions(max_to_keep=keep_n, create=not read_only,
