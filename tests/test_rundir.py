@@ -1,0 +1,185 @@
+"""A run directory is only changed by the run that owns it: train.py refuses (one line, its exit
+code, nothing written) a command that does not match the checkpoint there, bad data, and a second
+process on the same directory; unreadable checkpoints (checksum) fall back; torn metrics survive."""
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from test_train import corpus, run_train  # noqa: F401 - corpus is a fixture
+
+
+def snapshot(run_dir):
+    """Every file under run_dir with its size and modification time."""
+    return {str(p.relative_to(run_dir)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def one_error_line(err: str) -> str:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert "Traceback" not in err and len(lines) == 1 and lines[0].startswith("error: "), err[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, corpus):
+    tmp = tmp_path_factory.mktemp("owned")
+    code, _, err = run_train(tmp, corpus, "run", "train.steps=4", "train.save_every=2", "train.eval_every=2")
+    assert code == 0, err[-3000:]
+    return tmp
+
+
+def binary_source(tmp):
+    (tmp / "ls").write_bytes(open("/bin/ls", "rb").read())
+    return f"data.source={tmp / 'ls'}"
+
+
+def other_vocabulary(tmp):
+    (tmp / "digits.txt").write_text("0123456789 \n" * 5000)
+    return f"data.source={tmp / 'digits.txt'}"
+
+
+def tiny_source(tmp):
+    (tmp / "tiny.txt").write_text("To be, or not to be.\n" * 3)
+    return f"data.source={tmp / 'tiny.txt'}"
+
+
+@pytest.mark.parametrize("extra, code, words", [
+    (lambda tmp: "model.n_layer=3", 4, ["does not match", "model.n_layer (saved 2, now 3)", "config.yaml",
+                                        "another train.out_dir"]),
+    (lambda tmp: "optim.grad_clip=0", 4, ["does not match", "optim.grad_clip (saved 1.0, now 0.0)", "arrays"]),
+    (other_vocabulary, 4, ["does not match", "the character vocabulary"]),
+    (binary_source, 2, ["not UTF-8 text"]),
+    (tiny_source, 2, ["smaller than one batch"]),
+])
+def test_command_that_does_not_match_the_run_stops_and_writes_nothing(finished_run, corpus, extra, code, words):
+    run_dir = finished_run / "run"
+    before = snapshot(run_dir)
+    rc, _, err = run_train(finished_run, corpus, "run", "train.steps=6", extra(finished_run))
+    line = one_error_line(err)
+    assert rc == code, err[-3000:]
+    for word in words:
+        assert word in line, line
+    after = snapshot(run_dir)
+    after.pop(".lock", None), before.pop(".lock", None)  # the lock file is the command's only trace
+    assert after == before and not (run_dir / "corrupt").exists()
+
+
+LOCKER = "import sys, time; from gpt_jax.rundir import RunLock; from pathlib import Path; " \
+         "lock = RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)"
+
+
+def test_second_process_on_a_run_directory_is_refused_until_the_owner_dies(tmp_path, corpus):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    owner = subprocess.Popen([sys.executable, "-c", LOCKER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert owner.stdout.readline().strip() == "locked"
+        rc, _, err = run_train(tmp_path, corpus, "run", "train.steps=2")
+        assert rc == 4 and f"is in use by process {owner.pid}" in one_error_line(err), err[-3000:]
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+    finally:
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+    from gpt_jax.rundir import RunLock
+
+    lock = RunLock(run_dir)  # the dead owner's lock is taken over
+    assert (run_dir / ".lock").read_text().split()[0] == str(os.getpid())
+    lock.release()
+
+
+def test_full_disk_is_one_line(tmp_path, corpus):
+    """File size limit (EFBIG, as a full disk's ENOSPC): the checkpoint write fails; one line, exit 5."""
+    import resource
+
+    def limit():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
+
+    from test_train import start
+
+    proc = start(tmp_path, corpus, "run", "train.steps=2", "train.save_every=1", "model.n_embd=64",
+                 preexec_fn=limit)
+    _, err = proc.communicate(timeout=300)
+    line = one_error_line(err)
+    assert proc.returncode == 5 and os.strerror(errno.EFBIG) in line and "rerun the same command" in line, line
+
+
+def test_filesystem_errors_are_explained_through_exception_chains():
+    from gpt_jax.cli import EXIT_FILESYSTEM, explain
+
+    code, message = explain(PermissionError(errno.EACCES, "Permission denied", "/runs/x/.lock"))
+    assert code == EXIT_FILESYSTEM and message.startswith("Permission denied: /runs/x/.lock;")
+    try:
+        try:
+            raise ValueError("Error writing \"/runs/x/checkpoints/5/d\" [os_error_code='28']")
+        except ValueError as inner:
+            raise RuntimeError("commit failed") from inner
+    except RuntimeError as outer:
+        code, message = explain(outer)
+    assert code == EXIT_FILESYSTEM and "No space left on device: /runs/x/checkpoints/5/d" in message
+    assert explain(KeyError("a bug")) is None  # an unexpected error keeps its traceback
+
+
+def test_checksums_change_with_every_single_bit():
+    import jax.numpy as jnp
+
+    from gpt_jax.checkpoint import checksums
+
+    x = np.random.default_rng(0).standard_normal((3, 5)).astype(np.float32)
+    base = int(checksums({"x": jnp.asarray(x)})["x"])
+    bits = x.view(np.uint32)
+    seen = []
+    for i in range(bits.size):
+        for b in range(32):
+            flipped = bits.copy().reshape(-1)
+            flipped[i] ^= np.uint32(1 << b)
+            seen.append(int(checksums({"x": jnp.asarray(flipped.reshape(x.shape).view(np.float32))})["x"]))
+    assert len(seen) == bits.size * 32 and base not in seen
+    swapped = x.copy()
+    swapped[0, [0, 1]] = swapped[0, [1, 0]]  # the same values in another order
+    assert int(checksums({"x": jnp.asarray(swapped)})["x"]) != base
+
+
+def test_checkpoint_whose_arrays_fail_their_checksum_is_set_aside(tmp_path):
+    import jax
+    import jax.numpy as jnp
+
+    from gpt_jax.checkpoint import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, keep=3)
+    for step in (1, 2):
+        ckpt.save(step, {"w": jnp.full((4,), float(step))}, {"config": {}})
+    ckpt.wait()
+    ckpt.close()
+    meta = tmp_path / "checkpoints" / "2" / "meta" / "metadata"
+    saved = json.loads(meta.read_text())
+    saved["checksums"]["w"] ^= 1  # as a flipped bit in the array file would read
+    meta.write_text(json.dumps(saved))
+    ckpt = Checkpointer(tmp_path, keep=3)
+    state, _, step = ckpt.restore_latest(jax.eval_shape(lambda: {"w": jnp.zeros(4)}), check=lambda m, d: None)
+    ckpt.close()
+    assert step == 1 and float(state["w"][0]) == 1.0
+    assert (tmp_path / "corrupt" / "checkpoints-2").is_dir() and ckpt.steps() == [1]
+
+
+def test_torn_metrics_line_is_dropped_and_plots(tmp_path):
+    from gpt_jax.rundir import drop_torn_line, read_jsonl
+    from gpt_jax.trainer import plot_losses
+
+    path = tmp_path / "metrics.jsonl"
+    good = [{"kind": "train", "step": s, "loss": 3.0 - s / 10} for s in (1, 2)] + [{"kind": "eval", "step": 2,
+                                                                                  "val_loss": 2.9}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in good) + '{"kind": "train", "st')
+    assert read_jsonl(path) == good
+    drop_torn_line(path)
+    assert path.read_text().endswith("\n") and read_jsonl(path) == good
+    assert plot_losses(tmp_path).stat().st_size > 1000
