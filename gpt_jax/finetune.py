@@ -36,6 +36,7 @@ from gpt_jax.config import Config, ConfigError, FinetuneConfig, GPTConfig, save_
 from gpt_jax.data import DataError
 from gpt_jax.model import GPT, init_params
 from gpt_jax.optim import decay_mask
+from gpt_jax.rundir import check_new_run_dir, lock_new_run_dir
 
 SPECIAL_TOKENS = ("_start_", "_delimiter_", "_classify_")
 DEFAULT_FIELDS = {"text": "sentence", "label": "label"}
@@ -348,8 +349,7 @@ def finetune(config: Config, verbose: bool = True) -> dict:
     dev_records = read_records(cfg.dev_file, cfg.format) if cfg.dev_file else None
     labels = label_set(train_records, cfg, cfg.train_file) if cfg.task != "multiple_choice" else None
     run_dir = Path(tc.out_dir)
-    if (run_dir / "finetune.json").exists():
-        raise ConfigError(f"{run_dir} already holds a fine-tuning run; set train.out_dir to a new directory")
+    check_new_run_dir(run_dir)  # before the base model is loaded; again under the run's lock
 
     key = jax.random.key(tc.seed)
     base, gpt_params, tokenizer = load_base(cfg, config, jax.random.fold_in(key, 0))
@@ -406,7 +406,7 @@ def finetune(config: Config, verbose: bool = True) -> dict:
     from gpt_jax.checkpoint import Checkpointer
     from gpt_jax.trainer import MetricsLog
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_new_run_dir(run_dir)
     save_config(dataclasses.replace(config, model=model), run_dir / "config.yaml")
     (run_dir / "tokenizer.json").write_text(json.dumps(tokenizer.spec()))
     meta = {"task": cfg.task, "labels": labels, "special_ids": dataclasses.asdict(special), "max_length": max_length,
@@ -453,6 +453,8 @@ def finetune(config: Config, verbose: bool = True) -> dict:
         ckpt.wait()
         ckpt.close()
         log.close()
+        if lock is not None:
+            lock.release()
     summary.update(best_dev_accuracy=best if dev_ex is not None else None, seconds=time.time() - t0, params=params,
                    config=model, labels=labels, tokenizer=tokenizer, special=special)
     return summary
@@ -475,7 +477,7 @@ def load_finetuned(run_dir):
                                                   "head": init_head(model, n_out, jax.random.key(0))}})
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-    ckpt = Checkpointer(run_dir, keep=1)
+    ckpt = Checkpointer(run_dir, keep=1, read_only=True)
     try:
         restored = ckpt.restore_latest(abstract, ckpt.best) or ckpt.restore_latest(abstract, ckpt.last)
     finally:

@@ -72,6 +72,18 @@ def test_command_that_does_not_match_the_run_stops_and_writes_nothing(finished_r
     assert after == before and not (run_dir / "corrupt").exists()
 
 
+def test_fine_tuning_into_a_run_directory_that_holds_a_run_is_refused(finished_run):
+    run_dir = finished_run / "run"
+    (finished_run / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
+    before = snapshot(run_dir)
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "mode=finetune", f"finetune.init_from={run_dir}",
+                           f"finetune.train_file={finished_run / 'train.tsv'}", f"train.out_dir={run_dir}"],
+                          cwd=finished_run, capture_output=True, text=True, timeout=300)
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == 4 and "already holds a run" in line and "another train.out_dir" in line, line
+    assert snapshot(run_dir) == before
+
+
 LOCKER = "import sys, time; from gpt_jax.rundir import RunLock; from pathlib import Path; " \
          "lock = RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(120)"
 
