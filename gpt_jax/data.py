@@ -107,12 +107,21 @@ def _decode(decoder, raw: bytes, path: Path, offset: int) -> str:
     try:
         text = decoder.decode(raw, final=not raw)
     except UnicodeDecodeError as e:
-        raise DataError(f"data source file {path} is not UTF-8 text (undecodable bytes near byte {offset + e.start}); "
+        raise DataError(f"{path} is not UTF-8 text (undecodable bytes near byte {offset + e.start}); "
                         "give text files only, or convert it (e.g. iconv -t utf-8)") from None
     if "\x00" in text:
-        raise DataError(f"data source file {path} holds NUL bytes near byte {offset + text.index(chr(0))}: it is "
+        raise DataError(f"{path} holds NUL bytes near byte {offset + text.index(chr(0))}: it is "
                         "binary, not text; give text files only")
     return text
+
+
+def read_text(path) -> str:
+    """The text of a user's input file, or one DataError line: missing, not UTF-8, or binary."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist (or is not a file)")
+    decoder, raw = codecs.getincrementaldecoder("utf-8")(), path.read_bytes()
+    return _decode(decoder, raw, path, 0) + _decode(decoder, b"", path, len(raw))  # b"": the final flush
 
 
 def _text_chunks(path: Path, start: int = 0, stop: int | None = None):

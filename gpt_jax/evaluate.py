@@ -24,7 +24,7 @@ import numpy as np
 
 from gpt_jax.cli import at_least, entry_point
 from gpt_jax.config import ConfigError, GPTConfig
-from gpt_jax.data import DataError
+from gpt_jax.data import DataError, read_text
 from gpt_jax.model import GPT
 
 
@@ -162,12 +162,7 @@ def main(argv=None) -> int:
 
     config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer)
     if args.what == "perplexity":
-        from pathlib import Path
-
-        path = Path(args.input)
-        if not path.is_file():
-            raise DataError(f"{path} does not exist")
-        r = perplexity(config, params, tok.encode(path.read_text()), args.stride)
+        r = perplexity(config, params, tok.encode(read_text(args.input)), args.stride)
         print(f"perplexity {r['perplexity']:.4f} (nll {r['nll']:.4f} per token) over {r['tokens']:,} tokens, "
               f"{r['windows']} windows of up to {config.n_positions} tokens, stride {args.stride or config.n_positions}")
     else:

@@ -33,7 +33,7 @@ import optax
 from tqdm import tqdm
 
 from gpt_jax.config import Config, ConfigError, FinetuneConfig, GPTConfig, save_config
-from gpt_jax.data import DataError
+from gpt_jax.data import DataError, read_text
 from gpt_jax.model import GPT, init_params
 from gpt_jax.optim import decay_mask
 from gpt_jax.rundir import check_new_run_dir, lock_new_run_dir
@@ -99,6 +99,7 @@ def read_records(path, fmt: str = "auto") -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"task file {path} does not exist; set finetune.train_file / dev_file (or --input)")
+    read_text(path)  # not UTF-8 text, or binary: one line naming the file
     fmt = _file_format(path, fmt)
     records = []
     with open(path, encoding="utf-8", newline="") as f:

@@ -195,3 +195,27 @@ def test_torn_metrics_line_is_dropped_and_plots(tmp_path):
     drop_torn_line(path)
     assert path.read_text().endswith("\n") and read_jsonl(path) == good
     assert plot_losses(tmp_path).stat().st_size > 1000
+
+
+@pytest.mark.parametrize("command, code, words", [
+    (["gpt_jax.sample", "--checkpoint", "{tmp}/nothing"], 2, ["not a training run"]),
+    (["gpt_jax.evaluate", "--checkpoint", "{run}", "perplexity", "--input", "{tmp}/ls"], 2, ["not UTF-8 text"]),
+    (["gpt_jax.evaluate", "--checkpoint", "{run}", "choice", "--input", "{tmp}/ls.tsv", "--labels", "0", "1",
+      "--candidates", " a", " b"], 2, ["ls.tsv is not UTF-8 text"]),
+    (["gpt_jax.predict", "--checkpoint", "{run}", "--input", "{tmp}/ls.tsv", "--output", "{tmp}/p.tsv"], 2,
+     ["is not a fine-tuning run"]),
+    (["gpt_jax.data", "{tmp}/ls", "--cache-dir", "{tmp}/cache"], 2, ["not UTF-8 text"]),
+    (["gpt_jax.data", "{corpus}", "--cache-dir", "/bin/ls/cache"], 5, ["Not a directory", "/bin/ls"]),
+    (["gpt_jax.bench", "--config", "configs/quickstart.yaml", "train.batch_size=0"], 2,
+     ["train.batch_size must be >= 1"]),
+])
+def test_every_entry_point_reports_expected_failures_in_one_line(finished_run, corpus, command, code, words):
+    binary_source(finished_run)
+    (finished_run / "ls.tsv").write_bytes((finished_run / "ls").read_bytes())
+    fill = {"tmp": finished_run, "run": finished_run / "run", "corpus": corpus}
+    proc = subprocess.run([sys.executable, "-m", *[arg.format(**fill) for arg in command]], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    line = one_error_line(proc.stderr)
+    assert proc.returncode == code, proc.stderr[-3000:]
+    for word in words:
+        assert word in line, line
