@@ -74,14 +74,15 @@ class _Unreadable(Exception):
     """A checkpoint whose files cannot be read as the checkpoint they claim to be."""
 
 
-class _OsErrorLogs(logging.Filter):
+class _ReportedErrorLogs(logging.Filter):
     """Drops the ERROR records (with tracebacks) that orbax's writer threads and asyncio log for a
     failed file-system write (TensorStore marks those os_error_code=N): orbax raises the same error
-    again in the thread that waits for the save, which reports it once."""
+    again in the thread that waits for the save, which reports it once. Likewise orbax's "Failed to
+    read Metadata file" of a damaged checkpoint, which `restore_latest` reports itself."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = record.getMessage() + "".join(traceback.format_exception(*record.exc_info) if record.exc_info else [])
-        return record.levelno < logging.ERROR or "os_error_code=" not in text
+        return record.levelno < logging.ERROR or not any(s in text for s in ("os_error_code=", "Metadata file"))
 
 
 def _quiet_known_noise() -> None:
@@ -99,7 +100,7 @@ def _quiet_known_noise() -> None:
     hook.gpt_jax_quiet = True
     sys.unraisablehook = hook
     for name in ("absl", "asyncio"):
-        logging.getLogger(name).addFilter(_OsErrorLogs())
+        logging.getLogger(name).addFilter(_ReportedErrorLogs())
 
 
 class Checkpointer:

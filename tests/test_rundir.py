@@ -183,6 +183,40 @@ def test_checkpoint_whose_arrays_fail_their_checksum_is_set_aside(tmp_path):
     assert (tmp_path / "corrupt" / "checkpoints-2").is_dir() and ckpt.steps() == [1]
 
 
+RESTORE = """import sys, jax, jax.numpy as jnp
+from gpt_jax.checkpoint import Checkpointer
+ckpt = Checkpointer(sys.argv[1], keep=3)
+state = {f"w{i}": jnp.zeros((64, 64)) for i in range(20)}
+print(ckpt.restore_latest(jax.eval_shape(lambda: state), check=lambda m, d: None)[2])
+ckpt.close()
+"""
+
+
+@pytest.mark.parametrize("damage", ["truncate every file", "delete the array files"])
+def test_unreadable_checkpoint_falls_back_with_one_line(tmp_path, damage):
+    """The fallback is reported once: no logged errors, tracebacks or "Event loop is closed" noise."""
+    import jax.numpy as jnp
+
+    from gpt_jax.checkpoint import Checkpointer
+
+    state = {f"w{i}": jnp.full((64, 64), float(i)) for i in range(20)}  # many arrays: many reads in flight
+    ckpt = Checkpointer(tmp_path, keep=3)
+    for step in (1, 2):
+        ckpt.save(step, state, {"config": {}})
+    ckpt.wait()
+    ckpt.close()
+    for f in (tmp_path / "checkpoints" / "2").rglob("*"):
+        if damage.startswith("truncate") and f.is_file():
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+        elif f.is_file() and f.parent.name == "d":
+            f.unlink()
+    proc = subprocess.run([sys.executable, "-c", RESTORE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.strip() == "1" and (tmp_path / "corrupt" / "checkpoints-2").is_dir(), proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "checkpoint at step 2" in lines[0] and "moved it to" in lines[0], proc.stderr[-3000:]
+
+
 def test_torn_metrics_line_is_dropped_and_plots(tmp_path):
     from gpt_jax.rundir import drop_torn_line, read_jsonl
     from gpt_jax.trainer import plot_losses
