@@ -253,3 +253,11 @@ def test_every_entry_point_reports_expected_failures_in_one_line(finished_run, c
     assert proc.returncode == code, proc.stderr[-3000:]
     for word in words:
         assert word in line, line
+
+
+def test_evaluate_stride_zero_is_refused_by_the_parser(capsys):
+    from gpt_jax.evaluate import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", "unused", "perplexity", "--input", "unused", "--stride", "0"])
+    assert exit_.value.code == 2 and "--stride: must be >= 1, got 0" in capsys.readouterr().err
