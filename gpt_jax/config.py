@@ -30,7 +30,8 @@ Activation = Literal["gelu_tanh", "gelu", "relu", "silu"]
 RANGES = {
     "model": {"vocab_size": "[1, inf)", "n_positions": "[1, inf)", "n_embd": "[1, inf)", "n_layer": "[1, inf)",
               "n_head": "[1, inf)", "n_inner": "[1, inf)", "layer_norm_epsilon": "(0, inf)",
-              "embd_pdrop": "[0, 1)", "attn_pdrop": "[0, 1)", "resid_pdrop": "[0, 1)", "initializer_range": "[0, inf)"},
+              "embd_pdrop": "[0, 1)", "attn_pdrop": "[0, 1)", "resid_pdrop": "[0, 1)", "initializer_range": "[0, inf)",
+              "pad_vocab_multiple": "[1, inf)"},
     "data": {"sentencepiece_vocab_size": "[1, inf)", "val_fraction": "(0, 1)"},
     "optim": {"lr": "(0, inf)", "min_lr": "[0, inf)", "warmup_steps": "[0, inf)", "decay_steps": "[1, inf)",
               "weight_decay": "[0, inf)", "beta1": "[0, 1)", "beta2": "[0, 1)", "eps": "(0, inf)",
@@ -106,7 +107,14 @@ class GPTConfig:
     remat: Literal["none", "full", "dots"] = "none"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    attention: Literal["auto", "xla", "cudnn", "reference"] = "auto"  # auto: einsum on CPU, else JAX's pick
+    # Attention kernel (gpt_jax/attention.py). auto: einsum on CPU, cuDNN flash on GPU (Pallas Triton
+    # for float32), Pallas splash on TPU; or force xla / cudnn / pallas / reference.
+    attention: Literal["auto", "xla", "cudnn", "pallas", "reference"] = "auto"
+    attention_platform: Optional[Literal["cpu", "gpu", "tpu"]] = None  # the target; None: the backend that runs
+    # Embedding rows padded to a multiple of this (padded logits are masked to -inf), so the vocabulary
+    # shards over `tensor` and the output matmul has whole tiles. 1 keeps the exact published shapes;
+    # run configs default to 128 (see config_from_dict).
+    pad_vocab_multiple: int = 1
 
     def __post_init__(self):
         if self.n_embd % self.n_head:
@@ -114,6 +122,18 @@ class GPTConfig:
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
                 f"pick n_head among {[h for h in range(1, 65) if self.n_embd % h == 0]}"
             )
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise ConfigError("model.attention=cudnn needs model.dtype bfloat16 or float16 (cuDNN's flash kernel "
+                              "takes no float32); set model.dtype=bfloat16, or attention auto / pallas / xla")
+        if self.attention == "pallas" and self.attention_platform == "cpu":
+            raise ConfigError("model.attention=pallas has no CPU kernel; use attention auto or reference on CPU, "
+                              "or set model.attention_platform to gpu / tpu")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the token embedding (and logits): vocab_size rounded up to pad_vocab_multiple."""
+        m = self.pad_vocab_multiple
+        return -(-self.vocab_size // m) * m
 
     @property
     def head_dim(self) -> int:
@@ -272,6 +292,12 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     mode: Literal["pretrain", "finetune"] = "pretrain"
 
+    def __post_init__(self):
+        if self.model.param_dtype != "float32":
+            raise ConfigError(f"model.param_dtype={self.model.param_dtype} would keep parameters and AdamW's moments in "
+                              f"{self.model.param_dtype} with no float32 master copy; training keeps them in float32: set "
+                              "model.param_dtype=float32 and model.dtype=bfloat16 for bf16 compute")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -361,8 +387,18 @@ def _section(cls, value, prefix: str):
     return _build(cls, value, prefix)
 
 
+RUN_PAD_VOCAB_MULTIPLE = 128  # a run config's model.pad_vocab_multiple unless it sets one
+
+
 def config_from_dict(values: dict) -> Config:
-    return _build(Config, values or {}, "")
+    """A run config from nested dicts; the model's vocabulary is padded to a multiple of 128 unless
+    `model.pad_vocab_multiple` says otherwise (GPTConfig itself and its presets keep exact shapes)."""
+    values = dict(values or {})
+    model = values.get("model")
+    model = {"preset": model} if isinstance(model, str) else dict(model or {})
+    model.setdefault("pad_vocab_multiple", RUN_PAD_VOCAB_MULTIPLE)
+    values["model"] = model
+    return _build(Config, values, "")
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -384,8 +420,9 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults), apply dotted overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, saved_run: bool = False) -> Config:
+    """Read a YAML config (or start from defaults), apply dotted overrides, validate. `saved_run`: the
+    config.yaml of a run directory, where a model without `pad_vocab_multiple` predates padding (1)."""
     values: dict = {}
     if path is not None:
         path = Path(path)
@@ -397,6 +434,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must be a mapping of sections, got {type(values).__name__}")
+        if saved_run and isinstance(values.get("model"), dict):
+            values["model"].setdefault("pad_vocab_multiple", 1)
     return config_from_dict(apply_overrides(values, list(overrides or [])))
 
 

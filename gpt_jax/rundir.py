@@ -95,7 +95,7 @@ def lock_new_run_dir(run_dir) -> RunLock | None:
 
 # --- does a checkpoint belong to this command? ---------------------------------------------------
 
-_HOW_IT_RUNS = {"model.remat", "model.attention", "model.scan_layers", "model.dtype"}  # not what the model is
+_HOW_IT_RUNS = {"model.remat", "model.attention", "model.attention_platform", "model.scan_layers", "model.dtype"}  # not what the model is
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -158,6 +158,8 @@ def resume_check(run_dir, config, tokenizer):
         reasons += [tokenizer_change] if tokenizer_change else []
         if differences and not reasons:
             state_keys = [f"{k} (saved {a}, now {b})" for k, (a, b) in changed.items() if _shapes_state(k)]
+            state_keys += [f"{k} (not in the saved config, now {v})" for k, v in now.items()
+                           if saved and k not in saved and _shapes_state(k)]  # a setting newer than the run
             if state_keys or not saved:
                 reasons.append(", ".join(state_keys or ["its saved config is missing"]) + " changes the arrays of the "
                                f"state ({'; '.join(differences[:2])})")

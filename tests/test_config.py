@@ -1,5 +1,6 @@
 import dataclasses
 import pytest
+import yaml
 
 from gpt_jax.config import PRESETS, ConfigError, GPTConfig, load_config, save_config
 from gpt_jax.model import param_count
@@ -147,3 +148,16 @@ def test_out_dir_must_be_a_directory(tmp_path):
     with pytest.raises(ConfigError, match="which is a file"):
         load_config(None, [f"train.out_dir={tmp_path / 'file' / 'run'}"])
     assert load_config(None, [f"train.out_dir={tmp_path / 'new' / 'run'}"]).train.out_dir.endswith("run")
+
+
+def test_saved_run_config_without_vocab_padding_loads_unpadded(tmp_path):
+    """A run directory written before `pad_vocab_multiple` existed holds unpadded parameters."""
+    values = load_config(overrides=["model.preset=gpt2-tiny"]).to_dict()
+    del values["model"]["pad_vocab_multiple"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(values))
+    assert load_config(path, saved_run=True).model.pad_vocab_multiple == 1
+    assert load_config(path).model.pad_vocab_multiple == 128  # a new run's default
+    values["model"]["pad_vocab_multiple"] = 64
+    path.write_text(yaml.safe_dump(values))
+    assert load_config(path, saved_run=True).model.pad_vocab_multiple == 64

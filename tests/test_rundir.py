@@ -109,19 +109,14 @@ def test_second_process_on_a_run_directory_is_refused_until_the_owner_dies(tmp_p
 
 
 def test_full_disk_is_one_line(tmp_path, corpus):
-    """File size limit (EFBIG, as a full disk's ENOSPC): the checkpoint write fails; one line, exit 5."""
-    import resource
+    """A file size limit (EFBIG, as a full disk's ENOSPC) makes the checkpoint write fail: one line, exit 5."""
+    from test_train import train_args
 
-    def limit():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
-
-    from test_train import start
-
-    proc = start(tmp_path, corpus, "run", "train.steps=2", "train.save_every=1", "model.n_embd=64",
-                 preexec_fn=limit)
-    _, err = proc.communicate(timeout=300)
-    line = one_error_line(err)
+    limit = 'trap "" XFSZ; ulimit -f 150; exec "$@"'  # 150 KiB: the data cache fits, the checkpoint does not
+    args = ["bash", "-c", limit, "bash", *train_args(tmp_path, corpus, "run", "train.steps=2", "train.save_every=1",
+                                                     "model.n_embd=64")]
+    proc = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    line = one_error_line(proc.stderr)
     assert proc.returncode == 5 and os.strerror(errno.EFBIG) in line and "rerun the same command" in line, line
 
 
@@ -261,3 +256,17 @@ def test_evaluate_stride_zero_is_refused_by_the_parser(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--checkpoint", "unused", "perplexity", "--input", "unused", "--stride", "0"])
     assert exit_.value.code == 2 and "--stride: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_checkpoint_of_a_run_older_than_a_state_shaping_setting_is_refused_not_set_aside(tmp_path):
+    from gpt_jax.config import load_config
+    from gpt_jax.rundir import RunDirError, resume_check
+    from gpt_jax.tokenizer import CharTokenizer
+
+    config = load_config(None, ["model.preset=gpt2-tiny"])
+    saved = config.to_dict()
+    del saved["model"]["pad_vocab_multiple"]  # written before the setting existed
+    check = resume_check(tmp_path, config, CharTokenizer("ab"))
+    with pytest.raises(RunDirError, match=r"model.pad_vocab_multiple \(not in the saved config, now 128\)"):
+        check({"config": saved}, ["params.wte.embedding: saved (65, 32) float32, now (128, 32) float32"])
+    check({"config": config.to_dict()}, [])  # the same run: accepted

@@ -24,10 +24,14 @@ def corpus(tmp_path_factory):
     return path
 
 
-def start(tmp_path, corpus, run, *extra, **popen):
-    args = [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
+def train_args(tmp_path, corpus, run, *extra):
+    return [sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
             *TINY, f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}", f"train.out_dir={tmp_path / run}",
             *extra]
+
+
+def start(tmp_path, corpus, run, *extra, **popen):
+    args = train_args(tmp_path, corpus, run, *extra)
     return subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
