@@ -156,6 +156,8 @@ def resume_check(run_dir, config, tokenizer):
         changed = {k: (saved[k], v) for k, v in now.items() if k in saved and saved[k] != v}
         reasons = [f"{k} (saved {a}, now {b})" for k, (a, b) in changed.items() if _defines_run(k)]
         reasons += [tokenizer_change] if tokenizer_change else []
+        if (run_dir / "finetune.json").is_file() and now.get("mode") != "finetune":
+            reasons.append("it is a fine-tuning run (finetune.json), and this command pretrains")
         if differences and not reasons:
             state_keys = [f"{k} (saved {a}, now {b})" for k, (a, b) in changed.items() if _shapes_state(k)]
             state_keys += [f"{k} (not in the saved config, now {v})" for k, v in now.items()

@@ -258,7 +258,7 @@ def test_evaluate_stride_zero_is_refused_by_the_parser(capsys):
     assert exit_.value.code == 2 and "--stride: must be >= 1, got 0" in capsys.readouterr().err
 
 
-def test_checkpoint_of_a_run_older_than_a_state_shaping_setting_is_refused_not_set_aside(tmp_path):
+def test_checkpoint_of_an_older_run_or_of_fine_tuning_is_refused_not_set_aside(tmp_path):
     from gpt_jax.config import load_config
     from gpt_jax.rundir import RunDirError, resume_check
     from gpt_jax.tokenizer import CharTokenizer
@@ -270,3 +270,6 @@ def test_checkpoint_of_a_run_older_than_a_state_shaping_setting_is_refused_not_s
     with pytest.raises(RunDirError, match=r"model.pad_vocab_multiple \(not in the saved config, now 128\)"):
         check({"config": saved}, ["params.wte.embedding: saved (65, 32) float32, now (128, 32) float32"])
     check({"config": config.to_dict()}, [])  # the same run: accepted
+    (tmp_path / "finetune.json").write_text("{}")
+    with pytest.raises(RunDirError, match="it is a fine-tuning run"):
+        resume_check(tmp_path, config, CharTokenizer("ab"))({"task": "classification"}, ["params.head: ..."])

@@ -163,3 +163,23 @@ def test_sample_command_gives_one_line_for_hostile_weights(tmp_path):
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("error: ") and "refused posix.system" in proc.stderr
     assert not marker.exists()
+
+
+def test_safetensors_is_read_before_a_bin(tmp_path):
+    import jax
+
+    from gpt_jax.config import GPTConfig
+    from gpt_jax.model import init_params
+    from gpt_jax.pretrained import save_pretrained
+
+    config = GPTConfig.preset("gpt2-tiny", vocab_size=16, n_positions=8, n_embd=8, n_layer=1, n_head=2)
+    params = init_params(config, jax.random.key(0))
+    save_pretrained(config, params, tmp_path)
+    marker = tmp_path / "executed"
+    write_bin(tmp_path / "pytorch_model.bin", {"w": _RunsCode(marker)}, {})
+    _, loaded = load_pretrained(tmp_path)
+    np.testing.assert_array_equal(loaded["wte"]["embedding"], params["wte"]["embedding"])
+    (tmp_path / "model.safetensors").unlink()
+    with pytest.raises(WeightsError, match="refused posix.system"):
+        load_pretrained(tmp_path)
+    assert not marker.exists()
