@@ -151,9 +151,9 @@ def test_a_multi_process_run_locks_its_directory_once_and_every_process_stops(tm
     """Process 0 takes the run directory's lock; when another run holds it, every process stops."""
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    locker = "import sys, time; from pathlib import Path; from gpt_jax.rundir import RunLock; " \
-             "lock = RunLock(Path(sys.argv[1])); print('locked', flush=True); time.sleep(300)"
-    owner = subprocess.Popen([sys.executable, "-c", locker, str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    from test_rundir import LOCKER
+
+    owner = subprocess.Popen([sys.executable, "-c", LOCKER, str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         assert owner.stdout.readline().strip() == "locked"
         (rc0, out0), (rc1, out1) = run_two_processes(base_args(corpus, run_dir, tmp_path / "cache")
