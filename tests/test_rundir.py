@@ -273,3 +273,17 @@ def test_checkpoint_of_an_older_run_or_of_fine_tuning_is_refused_not_set_aside(t
     (tmp_path / "finetune.json").write_text("{}")
     with pytest.raises(RunDirError, match="it is a fine-tuning run"):
         resume_check(tmp_path, config, CharTokenizer("ab"))({"task": "classification"}, ["params.head: ..."])
+
+
+def test_resume_after_a_torn_metrics_line_drops_it_with_a_warning(finished_run, corpus):
+    """Last in this file: it extends the shared finished run."""
+    metrics = finished_run / "run" / "metrics.jsonl"
+    with open(metrics, "a") as f:
+        f.write('{"kind": "train", "step": 5, "lo')  # power lost mid-write
+    code, out, err = run_train(finished_run, corpus, "run", "train.steps=6", "train.save_every=2",
+                               "train.eval_every=2")
+    assert code == 0 and "resuming from step 4" in out, err[-3000:]
+    assert "dropped a torn last line" in err
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line parses
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert (finished_run / "run" / "loss.png").stat().st_size > 1000
