@@ -141,6 +141,9 @@ def _tokenizer_change(saved: dict | None, now: dict) -> str | None:
     return None
 
 
+BEFORE_IT_EXISTED = {"model.pad_vocab_multiple": 1}  # what runs saved before a setting existed used
+
+
 def resume_check(run_dir, config, tokenizer):
     """check(meta, differences) for `Checkpointer.restore_latest`: raises RunDirError when the checkpoint
     (its saved config, its arrays' `differences` from this command's state) belongs to another run.
@@ -160,7 +163,9 @@ def resume_check(run_dir, config, tokenizer):
             reasons.append("it is a fine-tuning run (finetune.json), and this command pretrains")
         if differences and not reasons:
             state_keys = [f"{k} (saved {a}, now {b})" for k, (a, b) in changed.items() if _shapes_state(k)]
-            state_keys += [f"{k} (not in the saved config, now {v})" for k, v in now.items()
+            state_keys += [f"{k} (not in the saved config, now {v}; the run's value is {BEFORE_IT_EXISTED[k]}: add "
+                           f"{k}={BEFORE_IT_EXISTED[k]} to resume it)" if k in BEFORE_IT_EXISTED else
+                           f"{k} (not in the saved config, now {v})" for k, v in now.items()
                            if saved and k not in saved and _shapes_state(k)]  # a setting newer than the run
             if state_keys or not saved:
                 reasons.append(", ".join(state_keys or ["its saved config is missing"]) + " changes the arrays of the "

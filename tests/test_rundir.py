@@ -267,7 +267,7 @@ def test_checkpoint_of_an_older_run_or_of_fine_tuning_is_refused_not_set_aside(t
     saved = config.to_dict()
     del saved["model"]["pad_vocab_multiple"]  # written before the setting existed
     check = resume_check(tmp_path, config, CharTokenizer("ab"))
-    with pytest.raises(RunDirError, match=r"model.pad_vocab_multiple \(not in the saved config, now 128\)"):
+    with pytest.raises(RunDirError, match=r"model.pad_vocab_multiple \(not in the saved config, now 128; .* add model.pad_vocab_multiple=1 to resume it\)"):
         check({"config": saved}, ["params.wte.embedding: saved (65, 32) float32, now (128, 32) float32"])
     check({"config": config.to_dict()}, [])  # the same run: accepted
     (tmp_path / "finetune.json").write_text("{}")
