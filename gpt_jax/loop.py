@@ -43,6 +43,7 @@ import numpy as np
 import optax
 from tqdm import tqdm
 
+from gpt_jax.attention import describe as describe_attention
 from gpt_jax.checkpoint import Checkpointer
 from gpt_jax.config import Config, ConfigError, save_config
 from gpt_jax.distributed import any_process
@@ -286,12 +287,13 @@ class Loop:
     def __init__(self, task, verbose: bool = True):
         self.t_start = time.time()
         self.task, self.config, self.tc = task, task.config, task.config.train
-        self.main = jax.process_index() == 0
+        self.main, self.processes = jax.process_index() == 0, jax.process_count()
         self.verbose = verbose and self.main
         say = (lambda *a: print(*a, flush=True)) if self.verbose else (lambda *a: None)
         say(f"config: {describe_config(self.config)}")
         for line in task.describe():
             say(line)
+        say(describe_attention(self.config.model))
         abstract = task.abstract_state()
         self.strategy = make_strategy(self.config, abstract, task.param_specs)
         self.run_dir = Path(self.tc.out_dir)
@@ -365,7 +367,7 @@ class Loop:
     def _stop_requested(self, signals, first: int, last: int) -> bool:
         """A signal stops every process at the same step: multi-host runs agree (a collective) every
         train.log_every steps and on the last one, not every step."""
-        if jax.process_count() == 1:
+        if self.processes == 1:
             return signals.received is not None
         if last == self.tc.steps or last // self.tc.log_every > (first - 1) // self.tc.log_every:
             return any_process(signals.received is not None)
