@@ -352,8 +352,9 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults), apply dotted overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, saved_run: bool = False) -> Config:
+    """Read a YAML config (or start from defaults), apply dotted overrides, validate. `saved_run`: the
+    config.yaml of a run directory, where a model without `pad_vocab_multiple` predates padding (1)."""
     values: dict = {}
     if path is not None:
         path = Path(path)
@@ -365,6 +366,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must be a mapping of sections, got {type(values).__name__}")
+        if saved_run and isinstance(values.get("model"), dict):
+            values["model"].setdefault("pad_vocab_multiple", 1)
     return config_from_dict(apply_overrides(values, list(overrides or [])))
 
 

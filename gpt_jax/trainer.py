@@ -250,7 +250,7 @@ def load_run(run_dir, which: str = "best"):
     for name in ("config.yaml", "tokenizer.json"):
         if not (run_dir / name).is_file():
             raise ConfigError(f"{run_dir} is not a training run: {name} is missing")
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(run_dir / "config.yaml", saved_run=True)
     tokenizer = load_tokenizer(json.loads((run_dir / "tokenizer.json").read_text()))
     params = restore_params(run_dir, which)
     return config, params["gpt"] if config.mode == "finetune" else params, tokenizer

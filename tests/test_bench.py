@@ -39,7 +39,7 @@ def test_bench_command_reports_and_writes_json(tmp_path):
                            "train.batch_size=4", "--steps", "3", "--json", str(out)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for word in ("compile", "tokens/s", "MFU", "6N+6LDT", "memory:", "prefill", "decode"):
+    for word in ("compile", "tokens/s", "MFU", "6N+6LDT", "memory:", "prefill", "decode", "attention: einsum reference for cpu"):
         assert word in proc.stdout, (word, proc.stdout)
     import json
 
