@@ -103,15 +103,15 @@ def test_evaluation_is_one_device_read_of_the_mean_loss(corpus, tmp_path, monkey
 
 
 def test_multi_host_stop_check_runs_every_log_interval(corpus, tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(loop, "any_process", lambda flag: calls.append(flag) or len(calls) == 3)
+    calls, stop_at = [], [3]  # as if another process had received SIGTERM by the third check
+    monkeypatch.setattr(loop, "any_process", lambda flag: calls.append(flag) or len(calls) in stop_at)
     config = lm_config(corpus, tmp_path / "run", "train.steps=20", "train.log_every=3", "train.eval_every=100",
                        "train.save_every=100")
-    result = run_task(config, processes=2)  # as if another process had received SIGTERM by the third check
+    result = run_task(config, processes=2)
     assert len(calls) == 3 and not any(calls)
     assert result["interrupted"] == "SIGTERM" and result["step"] == 9  # checks at steps 3, 6 and 9 only
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["9"]
-    calls.clear()
+    calls.clear(), stop_at.clear()
     run_task(config, processes=2)  # resumed: checks at 12, 15, 18 and the last step, 20
     assert len(calls) == 4
 
@@ -126,13 +126,14 @@ class Recording(loop.Loop):
 
 
 def test_finetuning_reads_metrics_a_step_behind_and_evaluates_each_epoch(corpus, tmp_path):
-    result = run_task(ft_config(corpus, tmp_path / "run", "train.save_every=100"), Recording, reads=[])
+    reads = []
+    run_task(ft_config(corpus, tmp_path / "run", "train.save_every=100"), Recording, reads=reads)
     steps = 12  # 2 epochs of 6 batches
     evals = records(tmp_path / "run", "eval")
     assert [(r["step"], r["epoch"]) for r in evals] == [(6, 1), (12, 2)]
     assert all(0 <= r["dev_accuracy"] <= 1 and r["dev_loss"] > 0 for r in evals)
     assert [r["step"] for r in records(tmp_path / "run")] == list(range(1, steps + 1))
-    behind = {step for step, dispatched in result["reads"] if dispatched > step}
+    behind = {step for step, dispatched in reads if dispatched > step}
     assert behind == set(range(1, steps + 1)) - {6, 12}  # only evaluation steps wait for their own metrics
 
 
