@@ -235,7 +235,8 @@ class Pmap(Single):
         return jax.tree.map(global_replicated, state)
 
     def params(self, state):
-        return unreplicate(state.params)
+        """One copy, on the first local device (where `put_eval` places the evaluation batches)."""
+        return jax.device_put(unreplicate(state.params), self.device)
 
     def compile_step(self, step_fn, lead: int = 1):
         return jax.pmap(step_fn, axis_name=self.axis_name, donate_argnums=0)

@@ -3,11 +3,18 @@ dispatch change nothing, metrics are read a step behind, the multi-host stop che
 log interval, evaluation reads the device once, and the fine-tuning task resumes its data order."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import jax
 import numpy as np
 import pytest
 
+from conftest import ROOT
 from gpt_jax import loop
 from gpt_jax.config import load_config
 
@@ -31,6 +38,7 @@ def corpus(tmp_path_factory):
 
     (tmp / "train.tsv").write_text(rows(44))  # 6 batches of 8, the last one padded
     (tmp / "dev.tsv").write_text(rows(20))
+    (tmp / "train_long.tsv").write_text(rows(236))  # 30 batches of 8
     return tmp
 
 
@@ -39,13 +47,16 @@ def lm_config(corpus, out, *extra):
                                    f"train.out_dir={out}", *extra])
 
 
+def ft_args(corpus, out, *extra):
+    return ["mode=finetune", "model.preset=gpt1-tiny", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
+            "model.n_positions=16", f"data.source={corpus / 'corpus.txt'}", f"data.cache_dir={corpus / 'cache'}",
+            f"finetune.train_file={corpus / 'train.tsv'}", f"finetune.dev_file={corpus / 'dev.tsv'}",
+            "finetune.batch_size=8", "finetune.epochs=2", "finetune.lr=1e-3", "train.log_every=1",
+            f"train.out_dir={out}", *extra]
+
+
 def ft_config(corpus, out, *extra):
-    return load_config(None, [
-        "mode=finetune", "model.preset=gpt1-tiny", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
-        "model.n_positions=16", f"data.source={corpus / 'corpus.txt'}", f"data.cache_dir={corpus / 'cache'}",
-        f"finetune.train_file={corpus / 'train.tsv'}", f"finetune.dev_file={corpus / 'dev.tsv'}",
-        "finetune.batch_size=8", "finetune.epochs=2", "finetune.lr=1e-3", "train.log_every=1",
-        f"train.out_dir={out}", *extra])
+    return load_config(None, ft_args(corpus, out, *extra))
 
 
 def records(run_dir, kind="train"):
@@ -151,3 +162,96 @@ def test_finetuning_data_order_resumes_mid_epoch(corpus, tmp_path):
         jax.tree.map(np.testing.assert_array_equal, again, batch)
     first_epoch = np.concatenate([b["labels"][0][b["weight"][0] > 0] for b, _ in seen[:6]])
     assert len(first_epoch) == 44  # every example once per epoch
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fine-tuning runs of train.py: SIGKILL, SIGTERM, resume; the parallel strategies on 8 fake devices
+
+
+def start(corpus, run_dir, *extra):
+    args = ft_args(corpus, run_dir, f"finetune.train_file={corpus / 'train_long.tsv'}", "finetune.epochs=3",
+                   "train.save_every=4", *extra)  # 90 steps, dropout on: resume must replay its keys too
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=corpus, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc, ready, what):
+    deadline = time.time() + 240
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, f"no {what}: {proc.communicate()[1][-2000:]}"
+        time.sleep(0.02)
+
+
+def last_params(run_dir):
+    from gpt_jax.trainer import restore_params
+
+    return jax.tree.leaves(restore_params(run_dir, "last"))
+
+
+def test_finetuning_survives_sigkill_and_sigterm_bitwise(corpus, tmp_path):
+    ref = start(corpus, tmp_path / "ref")
+    out, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err[-2000:]
+    assert "done: step 90 of 90 (3 epochs)" in out and "attention: einsum reference" in out
+
+    run_dir = tmp_path / "run"
+    proc = start(corpus, run_dir)
+    ckpts = run_dir / "checkpoints"
+    wait_for(proc, lambda: ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()), "checkpoint")
+    time.sleep(np.random.default_rng().uniform(0.0, 0.4))  # somewhere after the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+    proc = start(corpus, run_dir)  # resumes, and is stopped again by SIGTERM
+    n_records = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    wait_for(proc, lambda: len((run_dir / "metrics.jsonl").read_text().splitlines()) > n_records, "new step")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM.value, err[-2000:]
+    assert "resuming from step" in out and "received SIGTERM: saved a checkpoint at step" in out
+    stopped = int(out.split("saved a checkpoint at step ")[1].split()[0])
+    assert stopped < 90
+
+    proc = start(corpus, run_dir)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"resuming from step {stopped}" in out
+    for a, b in zip(last_params(run_dir), last_params(tmp_path / "ref"), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    final = {r["step"]: r["loss"] for r in records(run_dir)}
+    assert final == {r["step"]: r["loss"] for r in records(tmp_path / "ref")}
+    assert [r["dev_accuracy"] for r in records(run_dir, "eval")][-1] == records(tmp_path / "ref", "eval")[-1]["dev_accuracy"]
+
+
+STRATEGIES = textwrap.dedent("""
+    import json, sys
+    import jax
+    from gpt_jax.config import load_config
+    from gpt_jax.trainer import train
+
+    args, out = json.loads(sys.argv[1]), sys.argv[2]
+    runs = {"single": ["parallel.strategy=single"], "pmap8": ["parallel.strategy=pmap"],
+            "mesh_fsdp4_tp2": ["parallel.strategy=mesh", "parallel.data=1", "parallel.fsdp=4", "parallel.tensor=2"]}
+    assert jax.device_count() == 8
+    result = {}
+    for name, extra in runs.items():
+        train(load_config(None, args + extra + [f"train.out_dir={out}/{name}"]), verbose=False)
+        lines = [json.loads(l) for l in open(f"{out}/{name}/metrics.jsonl")]
+        result[name] = {"loss": [r["loss"] for r in lines if r["kind"] == "train"],
+                        "dev_accuracy": [r["dev_accuracy"] for r in lines if r["kind"] == "eval"]}
+    print("RESULT " + json.dumps(result))
+""")
+
+
+def test_finetuning_strategies_on_8_devices_match_single_device(corpus, tmp_path):
+    args = ft_args(corpus, "unused", "finetune.dropout=0", "finetune.clf_pdrop=0", "finetune.lr=3e-3")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", STRATEGIES, json.dumps(args), str(tmp_path)], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    ref = result.pop("single")
+    assert len(ref["loss"]) == 12 and len(ref["dev_accuracy"]) == 2
+    for name, got in result.items():
+        np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5, err_msg=name)
+        assert got["dev_accuracy"] == ref["dev_accuracy"], name
