@@ -15,9 +15,8 @@ import pytest
 from conftest import ROOT, data_path
 from gpt_jax.config import FinetuneConfig, GPTConfig, load_config
 from gpt_jax.data import DataError
-from gpt_jax.finetune import (SpecialIds, add_special_tokens, encode_examples, forward, init_head, losses,
-                              make_batch)
-from gpt_jax.records import read_records
+from gpt_jax.finetune import add_special_tokens, forward, init_head, losses
+from gpt_jax.records import SpecialIds, encode_examples, make_batch, read_records
 from gpt_jax.model import GPT, init_params, lm_loss
 from gpt_jax.tokenizer import CharTokenizer
 

@@ -136,16 +136,50 @@ class Recording(loop.Loop):
         super()._flush()
 
 
-def test_finetuning_reads_metrics_a_step_behind_and_evaluates_each_epoch(corpus, tmp_path):
-    reads = []
-    run_task(ft_config(corpus, tmp_path / "run", "train.save_every=100"), Recording, reads=reads)
+@pytest.fixture(scope="module")
+def ft_run(corpus, tmp_path_factory):
+    """A fine-tuning run through the loop, with when its metrics were read."""
+    run_dir, reads = tmp_path_factory.mktemp("ft") / "run", []
+    run_task(ft_config(corpus, run_dir, "train.save_every=100"), Recording, reads=reads)
+    return run_dir, reads
+
+
+def test_finetuning_reads_metrics_a_step_behind_and_evaluates_each_epoch(ft_run):
+    run_dir, reads = ft_run
     steps = 12  # 2 epochs of 6 batches
-    evals = records(tmp_path / "run", "eval")
+    evals = records(run_dir, "eval")
     assert [(r["step"], r["epoch"]) for r in evals] == [(6, 1), (12, 2)]
     assert all(0 <= r["dev_accuracy"] <= 1 and r["dev_loss"] > 0 for r in evals)
-    assert [r["step"] for r in records(tmp_path / "run")] == list(range(1, steps + 1))
+    assert [r["step"] for r in records(run_dir)] == list(range(1, steps + 1))
     behind = {step for step, dispatched in reads if dispatched > step}
     assert behind == set(range(1, steps + 1)) - {6, 12}  # only evaluation steps wait for their own metrics
+
+
+def test_predict_reads_new_and_earlier_fine_tuning_runs(ft_run, corpus, tmp_path):
+    import shutil
+
+    from gpt_jax.checkpoint import Checkpointer
+    from gpt_jax.predict import predict_file
+    from gpt_jax.trainer import restore_params, train
+
+    run_dir = ft_run[0]
+    new = predict_file(run_dir, corpus / "dev.tsv", tmp_path / "new.tsv")
+    best = max(records(run_dir, "eval"), key=lambda r: r["dev_accuracy"])
+    assert new["n"] == 20 and new["accuracy"] == pytest.approx(best["dev_accuracy"])
+    # an earlier gpt_jax saved only {"params": ...} and a finetune.json without "format"
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old, ignore=shutil.ignore_patterns("checkpoints", "best"))
+    info = json.loads((old / "finetune.json").read_text())
+    del info["format"]
+    (old / "finetune.json").write_text(json.dumps(info))
+    ckpt = Checkpointer(old, keep=1)
+    ckpt.save(best["step"], {"params": restore_params(run_dir)}, {**info, **best}, best=True)
+    ckpt.wait()
+    ckpt.close()
+    assert predict_file(old, corpus / "dev.tsv", tmp_path / "old.tsv")["accuracy"] == new["accuracy"]
+    assert (tmp_path / "old.tsv").read_text() == (tmp_path / "new.tsv").read_text()
+    with pytest.raises(Exception, match="earlier gpt_jax .* cannot be resumed; set train.out_dir"):
+        train(ft_config(corpus, old), verbose=False)
 
 
 def test_finetuning_data_order_resumes_mid_epoch(corpus, tmp_path):
