@@ -49,6 +49,7 @@ from gpt_jax.config import Config, ConfigError, save_config
 from gpt_jax.distributed import any_process
 from gpt_jax.flops import device_peak_flops, flops_per_token
 from gpt_jax.parallel import make_strategy
+from gpt_jax.runlog import MetricsLog, plot_losses
 
 
 @flax.struct.dataclass
@@ -112,32 +113,6 @@ def describe_config(config: Config) -> str:
             continue
         parts += [f"{section}.{k}={v}" for k, v in values.items() if default[section].get(k) != v]
     return " ".join(parts)
-
-
-class MetricsLog:
-    """metrics.jsonl + TensorBoard events in the run directory (process 0 only)."""
-
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.enabled = enabled
-        if enabled:
-            from tensorboardX import SummaryWriter
-
-            self.file = open(run_dir / "metrics.jsonl", "a")
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        for k, v in record.items():
-            if k not in ("step", "kind") and isinstance(v, (int, float)):
-                self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
-
-    def close(self):
-        if self.enabled:
-            self.file.close()
-            self.tb.close()
 
 
 class Signals:
@@ -440,33 +415,3 @@ class Loop:
 def run(task, verbose: bool = True) -> dict:
     """Train `task` from its config (resuming its run directory); returns a summary dict."""
     return Loop(task, verbose).run()
-
-
-def plot_losses(run_dir: Path) -> Path | None:
-    """loss.png: train and val loss against step, from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
-    series = {}
-    for r in records:  # later records win: a resumed run rewrites the steps after its checkpoint
-        key = "val_loss" if r["kind"] == "eval" else "loss"
-        if key in r:
-            series.setdefault(r["kind"], {})[r["step"]] = r[key]
-    if not series:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for kind, points in series.items():
-        steps = sorted(points)
-        ax.plot(steps, [points[s] for s in steps], label="val" if kind == "eval" else "train",
-                marker="o" if kind == "eval" else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=100)
-    plt.close(fig)
-    return run_dir / "loss.png"
