@@ -1,6 +1,7 @@
 """The training loop (gpt_jax/loop.py), in process on tiny models: prefetching and several steps per
 dispatch change nothing, metrics are read a step behind, the multi-host stop check runs only every
-log interval, evaluation reads the device once, and the fine-tuning task resumes its data order."""
+log interval, evaluation reads the device once; fine-tuning through the same loop resumes (its data
+order too) after SIGKILL or SIGTERM, runs on every strategy, and its runs stay readable."""
 
 import json
 import os
@@ -74,8 +75,22 @@ def run_task(config, loop_cls=loop.Loop, **attrs):
     return lp.run()
 
 
-def test_prefetch_and_steps_per_call_give_the_same_run(corpus, tmp_path):
-    args = ("train.steps=9", "train.eval_every=5", "train.save_every=5")
+def test_prefetch_and_steps_per_call_give_the_same_run_and_one_read_per_evaluation(corpus, tmp_path, monkeypatch):
+    from gpt_jax.data import eval_batches, prepare
+    from gpt_jax.trainer import make_eval_step
+
+    reads, real_evaluate, real_get = [], loop.Loop._evaluate, jax.device_get
+
+    def evaluate_counting_reads(self, step):  # every device read during an evaluation
+        reads.append(0)
+        monkeypatch.setattr(jax, "device_get", lambda x: (reads.__setitem__(-1, reads[-1] + 1), real_get(x))[1])
+        try:
+            return real_evaluate(self, step)
+        finally:
+            monkeypatch.setattr(jax, "device_get", real_get)
+
+    monkeypatch.setattr(loop.Loop, "_evaluate", evaluate_counting_reads)
+    args = ("train.steps=9", "train.eval_every=5", "train.save_every=5", "train.eval_batches=3")
     ref = run_task(lm_config(corpus, tmp_path / "ref", "data.prefetch=0", *args))
     for name, extra in {"prefetch": ["data.prefetch=2"], "scan": ["data.prefetch=2", "train.steps_per_call=3"]}.items():
         got = run_task(lm_config(corpus, tmp_path / name, *extra, *args))
@@ -85,32 +100,12 @@ def test_prefetch_and_steps_per_call_give_the_same_run(corpus, tmp_path):
         for a, b in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(ref["params"])):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7, err_msg=name)
     assert sorted(int(p.name) for p in (tmp_path / "scan" / "checkpoints").iterdir() if p.name.isdigit()) == [5, 9]
-
-
-def test_evaluation_is_one_device_read_of_the_mean_loss(corpus, tmp_path, monkeypatch):
-    from gpt_jax.data import eval_batches, prepare
-    from gpt_jax.trainer import make_eval_step
-
-    reads = []
-    real_evaluate = loop.Loop._evaluate
-
-    def counting_evaluate(self, step):
-        reads.append(0)
-        get = jax.device_get
-        monkeypatch.setattr(jax, "device_get", lambda x: (reads.__setitem__(-1, reads[-1] + 1), get(x))[1])
-        try:
-            return real_evaluate(self, step)
-        finally:
-            monkeypatch.setattr(jax, "device_get", get)
-
-    monkeypatch.setattr(loop.Loop, "_evaluate", counting_evaluate)
-    config = lm_config(corpus, tmp_path / "run", "train.steps=4", "train.eval_every=4", "train.eval_batches=3")
-    result = run_task(config)
-    assert reads == [1]
-    data = prepare(config.data, verbose=False)
-    step = jax.jit(make_eval_step(result["config"]))
-    direct = np.mean([float(step(result["params"], b)) for b in eval_batches(data.tokens("val"), 16, 8, 3)])
-    np.testing.assert_allclose(records(tmp_path / "run", "eval")[0]["val_loss"], direct, rtol=1e-5)
+    assert reads == [1] * 6  # each evaluation is one device call, read once
+    config = ref["config"]
+    step = jax.jit(make_eval_step(config))
+    val = eval_batches(prepare(config.data, verbose=False).tokens("val"), 16, 8, 3)
+    direct = np.mean([float(step(ref["params"], b)) for b in val])
+    np.testing.assert_allclose(records(tmp_path / "ref", "eval")[-1]["val_loss"], direct, rtol=1e-5)
 
 
 def test_multi_host_stop_check_runs_every_log_interval(corpus, tmp_path, monkeypatch):
@@ -155,9 +150,10 @@ def test_finetuning_reads_metrics_a_step_behind_and_evaluates_each_epoch(ft_run)
     assert behind == set(range(1, steps + 1)) - {6, 12}  # only evaluation steps wait for their own metrics
 
 
-def test_predict_reads_new_and_earlier_fine_tuning_runs(ft_run, corpus, tmp_path):
+def test_predict_and_evaluate_read_new_and_earlier_fine_tuning_runs(ft_run, corpus, tmp_path, capsys):
     import shutil
 
+    from gpt_jax import evaluate
     from gpt_jax.checkpoint import Checkpointer
     from gpt_jax.predict import predict_file
     from gpt_jax.trainer import restore_params, train
@@ -178,6 +174,13 @@ def test_predict_reads_new_and_earlier_fine_tuning_runs(ft_run, corpus, tmp_path
     ckpt.close()
     assert predict_file(old, corpus / "dev.tsv", tmp_path / "old.tsv")["accuracy"] == new["accuracy"]
     assert (tmp_path / "old.tsv").read_text() == (tmp_path / "new.tsv").read_text()
+    (tmp_path / "text.txt").write_text("ab ba aab\nbba " * 8)
+    scores = []
+    for run in (run_dir, old):
+        capsys.readouterr()
+        assert evaluate.main(["--checkpoint", str(run), "perplexity", "--input", str(tmp_path / "text.txt")]) == 0
+        scores.append(capsys.readouterr().out)
+    assert scores[0].startswith("perplexity ") and scores[0] == scores[1]
     with pytest.raises(Exception, match="earlier gpt_jax .* cannot be resumed; set train.out_dir"):
         train(ft_config(corpus, old), verbose=False)
 
