@@ -108,6 +108,24 @@ def test_prefetch_and_steps_per_call_give_the_same_run_and_one_read_per_evaluati
     np.testing.assert_allclose(records(tmp_path / "ref", "eval")[-1]["val_loss"], direct, rtol=1e-5)
 
 
+def test_prefetcher_keeps_order_passes_errors_and_stops_its_thread():
+    def items():
+        yield from range(5)
+        raise ValueError("bad batch")
+
+    for depth in (0, 2):
+        got, prefetch = [], loop.Prefetcher(items(), depth)
+        with pytest.raises(ValueError, match="bad batch"):
+            for x in prefetch:
+                got.append(x)
+        prefetch.close()
+        assert got == list(range(5))
+    endless = loop.Prefetcher(iter(int, 1), 2)  # an endless source, abandoned after one item
+    assert next(endless) == 0
+    endless.close()
+    assert not endless.thread.is_alive()
+
+
 def test_multi_host_stop_check_runs_every_log_interval(corpus, tmp_path, monkeypatch):
     calls, stop_at = [], [3]  # as if another process had received SIGTERM by the third check
     monkeypatch.setattr(loop, "any_process", lambda flag: calls.append(flag) or len(calls) in stop_at)
