@@ -127,10 +127,9 @@ def load_base(cfg: FinetuneConfig, config: Config, rng):
     """(GPTConfig, GPT params, tokenizer) to fine-tune: from init_from, or a random model whose
     tokenizer is prepared from `data` as for pretraining."""
     if cfg.init_from is None:
-        from gpt_jax.data import prepare
-        from gpt_jax.trainer import _resolve_vocab
+        from gpt_jax.trainer import _resolve_vocab, prepare_data
 
-        data = prepare(config.data)
+        data = prepare_data(config)  # process 0 first in a multi-host run
         model = _resolve_vocab(config, data.tokenizer).model
         return model, init_params(model, rng), data.tokenizer
     path = Path(cfg.init_from)
