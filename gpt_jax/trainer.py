@@ -190,6 +190,9 @@ def dry_run(config: Config) -> dict:
     """Compile one train step from abstract (sharded) inputs, allocate nothing, and report memory per
     device: parameters and optimizer state from their shardings, temporaries from the executable.
     The vocabulary is the config's (no data is read)."""
+    if config.mode == "finetune":
+        raise ConfigError("--dry-run compiles the pretraining step from the config alone; a mode: finetune run "
+                          "needs its base model and task files, so run it without --dry-run")
     optimizer = make_optimizer(config.optim, config.train.steps)
     abstract = jax.eval_shape(lambda: init_state(config, optimizer))
     if config.parallel.strategy == "pmap":  # replicated parameters: the same layout as a data-only mesh

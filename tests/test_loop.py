@@ -311,3 +311,11 @@ def test_finetuning_strategies_on_8_devices_match_single_device(corpus, tmp_path
     for name, got in result.items():
         np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5, err_msg=name)
         assert got["dev_accuracy"] == ref["dev_accuracy"], name
+
+
+def test_dry_run_of_a_fine_tuning_config_is_a_clear_error():
+    from gpt_jax.config import ConfigError
+    from gpt_jax.trainer import dry_run
+
+    with pytest.raises(ConfigError, match="mode: finetune run needs its base model and task files"):
+        dry_run(load_config(None, ["mode=finetune"]))
