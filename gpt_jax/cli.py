@@ -117,15 +117,6 @@ def run_training(config_path, overrides, dry_run: bool = False) -> int:
     if dry_run:
         compile_only(config)
         return 0
-    if config.mode == "finetune":
-        from gpt_jax.finetune import finetune
-
-        result = finetune(config)
-        best = result["best_dev_accuracy"]
-        print(f"done: {len(result['epochs'])} epochs, {result['seconds']:.0f} s"
-              + (f", best dev accuracy {best:.4f}" if best is not None else "")
-              + f"; run in {result['run_dir']}")
-        return 0
     result = train(config)
     if result["interrupted"]:
         return 128 + signal.Signals[result["interrupted"]].value
@@ -134,6 +125,12 @@ def run_training(config_path, overrides, dry_run: bool = False) -> int:
     if jax.process_index() != 0:  # process 0 reports for a multi-host run
         return 0
     tc = result["config"].train
+    if config.mode == "finetune":
+        best = result["best_dev_accuracy"]
+        print(f"done: step {result['step']} of {tc.steps} ({tc.steps // tc.eval_every} epochs), "
+              f"{result['seconds']:.0f} s" + (f", best dev accuracy {best:.4f}" if best is not None else "")
+              + f"; run in {result['run_dir']}")
+        return 0
     print(f"done: step {result['step']}, train loss {result.get('loss', float('nan')):.4f}, "
           f"val loss {result.get('val_loss', float('nan')):.4f}, {result['seconds']:.0f} s; run in {tc.out_dir}")
     if tc.sample_tokens > 0 and (jax.process_count() == 1 or result["config"].parallel.strategy != "mesh"):

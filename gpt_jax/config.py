@@ -175,6 +175,7 @@ class DataConfig:
     sentencepiece_vocab_size: int = 4096
     val_fraction: float = 0.1
     cache_dir: str = "data_cache"
+    prefetch: int = 2  # batches a background thread prepares ahead of the step; 0 prepares them in the loop
 
 
 def _min_lr_below_lr(o) -> None:
@@ -190,6 +191,7 @@ class OptimConfig:
     min_lr: float = 6e-5
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     warmup_steps: int = 100
+    warmup_fraction: Optional[float] = None  # warmup over this fraction of decay_steps instead of warmup_steps
     decay_steps: Optional[int] = None  # None: train.steps
     weight_decay: float = 0.1
     beta1: float = 0.9
@@ -221,6 +223,7 @@ class TrainConfig:
     eval_batches: int = 20
     log_every: int = 10
     save_every: int = 500
+    steps_per_call: int = 1  # optimizer steps per dispatch (a lax.scan over stacked batches)
     keep_checkpoints: int = 2
     out_dir: str = "runs/default"
     sample_tokens: int = 0  # >0 prints a sample of this many tokens at each eval

@@ -113,13 +113,13 @@ def continuation_logprobs(config: GPTConfig, params, prompts, continuations, bat
 def choice_accuracy(config, params, tokenizer, records, *, text_field="sentence", label_field="label", labels=None,
                     candidates=None, choices_field=None, template="{text}", path="input") -> dict:
     """Zero-shot classification (candidates per label) or multiple choice (choices per example)."""
-    from gpt_jax.finetune import _field
+    from gpt_jax.records import field
 
     prompts, conts, n_options, gold = [], [], None, []
     for no, record in records:
-        prompt = tokenizer.encode(template.format(text=_field(record, text_field, path, no, "text")))
+        prompt = tokenizer.encode(template.format(text=field(record, text_field, path, no, "text")))
         if choices_field:
-            options = _field(record, choices_field, path, no, "choices")
+            options = field(record, choices_field, path, no, "choices")
             if not isinstance(options, list):
                 raise DataError(f"{path} line {no}: field {choices_field!r} should be a list of choices")
         else:
@@ -131,7 +131,7 @@ def choice_accuracy(config, params, tokenizer, records, *, text_field="sentence"
         for opt in options:
             prompts.append(prompt)
             conts.append(tokenizer.encode(str(opt)))
-        value = str(_field(record, label_field, path, no, "label"))
+        value = str(field(record, label_field, path, no, "label"))
         if choices_field:
             if not value.isdigit() or int(value) >= n_options:
                 raise DataError(f"{path} line {no}: label {value!r} is not a choice index in 0..{n_options - 1}")
@@ -185,7 +185,7 @@ def main(argv=None) -> int:
         print(f"perplexity {r['perplexity']:.4f} (nll {r['nll']:.4f} per token) over {r['tokens']:,} tokens, "
               f"{r['windows']} windows of up to {config.n_positions} tokens, stride {args.stride or config.n_positions}")
     else:
-        from gpt_jax.finetune import read_records
+        from gpt_jax.records import read_records
 
         if not args.choices_field and not (args.labels and args.candidates
                                            and len(args.labels) == len(args.candidates)):

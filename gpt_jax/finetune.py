@@ -1,5 +1,6 @@
 """GPT-1-style supervised fine-tuning: special tokens, the task input transformations of the GPT-1
-paper's Figure 1, a linear head on the `[extract]` state, and the auxiliary language-modelling loss.
+paper's Figure 1 (in `gpt_jax.records`), a linear head on the `[extract]` state, the auxiliary
+language-modelling loss, and the fine-tuning task the training loop (`gpt_jax.loop`) runs.
 
     classification   [start] text [extract]
     entailment       [start] premise [delim] hypothesis [extract]
@@ -17,43 +18,26 @@ Parameters are {"gpt": GPT parameters with 3 more embedding rows, "head": {"kern
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import math
-import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm import tqdm
+from jax.sharding import PartitionSpec as P
 
-from gpt_jax.config import Config, ConfigError, FinetuneConfig, GPTConfig, save_config
-from gpt_jax.data import DataError, read_text
-from gpt_jax.model import GPT, init_params
-from gpt_jax.optim import decay_mask
-from gpt_jax.rundir import check_new_run_dir, lock_new_run_dir
+from gpt_jax.config import Config, ConfigError, FinetuneConfig, GPTConfig, OptimConfig
+from gpt_jax.loop import TrainState
+from gpt_jax.model import GPT, init_params, logical_axes
+from gpt_jax.optim import make_optimizer, make_schedule
+from gpt_jax.parallel import validate as validate_parallel
+from gpt_jax.records import (Examples, SpecialIds, batches, encode_examples, label_set, make_batch, pad_to,
+                             read_records)
 
 SPECIAL_TOKENS = ("_start_", "_delimiter_", "_classify_")
-DEFAULT_FIELDS = {"text": "sentence", "label": "label"}
-ROLES = {"classification": ("text",), "entailment": ("text", "text_b"), "similarity": ("text", "text_b"),
-         "multiple_choice": ("text", "choices")}
-
-
-@dataclass(frozen=True)
-class SpecialIds:
-    start: int
-    delimiter: int
-    classify: int
-
-    @classmethod
-    def after(cls, vocab_size: int) -> "SpecialIds":
-        """The three ids appended after a model's `vocab_size` embedding rows."""
-        return cls(vocab_size, vocab_size + 1, vocab_size + 2)
 
 
 def add_special_tokens(config: GPTConfig, gpt_params, rng, std: float | None = None):
@@ -68,168 +52,6 @@ def add_special_tokens(config: GPTConfig, gpt_params, rng, std: float | None = N
     pad = jnp.zeros((new_config.padded_vocab_size - new_config.vocab_size, wte.shape[1]), wte.dtype)
     params = {**gpt_params, "wte": {**gpt_params["wte"], "embedding": jnp.concatenate([wte, rows, pad])}}
     return new_config, params, ids
-
-
-# ---------------------------------------------------------------------------------------------------
-# Task data
-
-
-@dataclass
-class Examples:
-    tokens: np.ndarray  # [N, C, T] int32, right padded with 0
-    lengths: np.ndarray  # [N, C] int32; lengths - 1 is the [extract] position
-    labels: np.ndarray  # [N] int32 class / choice index; -1 when the file has no labels
-    truncated: int  # examples shortened to fit max_length
-
-    def __len__(self):
-        return len(self.tokens)
-
-
-def _file_format(path: Path, fmt: str) -> str:
-    if fmt != "auto":
-        return fmt
-    if path.suffix in (".jsonl", ".json"):
-        return "jsonl"
-    if path.suffix in (".tsv", ".txt"):
-        return "tsv"
-    raise DataError(f"{path}: cannot tell the format from the extension {path.suffix!r}; "
-                    "set finetune.format to tsv or jsonl")
-
-
-def read_records(path, fmt: str = "auto") -> list[tuple[int, dict]]:
-    """(line number, record) pairs from a TSV with a header row or a JSONL file."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"task file {path} does not exist; set finetune.train_file / dev_file (or --input)")
-    read_text(path)  # not UTF-8 text, or binary: one line naming the file
-    fmt = _file_format(path, fmt)
-    records = []
-    with open(path, encoding="utf-8", newline="") as f:
-        if fmt == "jsonl":
-            for no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path} line {no}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path} line {no}: expected a JSON object, got {type(record).__name__}")
-                records.append((no, record))
-        else:
-            rows = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            header = next(rows, None)
-            if header is not None:
-                for no, row in enumerate(rows, 2):
-                    if not row:
-                        continue
-                    if len(row) != len(header):
-                        raise DataError(f"{path} line {no}: {len(row)} tab-separated fields, but the header "
-                                        f"has {len(header)} ({', '.join(header)})")
-                    records.append((no, dict(zip(header, row))))
-    if not records:
-        raise DataError(f"{path} has no examples" + (" (a TSV needs a header row, then one example per line)"
-                                                      if fmt == "tsv" else ""))
-    return records
-
-
-def _field(record: dict, column, path, no, role):
-    if column not in record:
-        raise DataError(f"{path} line {no}: no field {column!r} (the {role!r} role; fields present: "
-                        f"{', '.join(map(str, record))}); set finetune.fields.{role}")
-    return record[column]
-
-
-def _truncate(a: list[int], b: list[int] | None, budget: int) -> tuple[list[int], list[int] | None]:
-    """Shorten the longer part one token at a time until both fit `budget`."""
-    if b is None:
-        return a[:budget], None
-    a, b = list(a), list(b)
-    while len(a) + len(b) > budget:
-        (a if len(a) >= len(b) else b).pop()
-    return a, b
-
-
-def label_set(records, cfg: FinetuneConfig, path) -> list[str]:
-    """The declared labels, or the sorted distinct labels of the (training) records."""
-    if cfg.labels is not None:
-        return [str(v) for v in cfg.labels]
-    column = {**DEFAULT_FIELDS, **cfg.fields}["label"]
-    return sorted({str(_field(r, column, path, no, "label")) for no, r in records})
-
-
-def encode_examples(records, cfg: FinetuneConfig, tokenizer, special: SpecialIds, max_length: int, path,
-                    labels: list[str] | None, need_labels: bool = True) -> Examples:
-    """Task transformation of every record into token sequences (see the module docstring)."""
-    fields = {**DEFAULT_FIELDS, **cfg.fields}
-    roles = ROLES[cfg.task]
-    for role in roles:
-        if role not in fields:
-            raise ConfigError(f"finetune.task={cfg.task} needs finetune.fields.{role} (the column that holds it)")
-    s, d, c = [special.start], [special.delimiter], [special.classify]
-    seqs, labs, truncated, n_choices = [], [], 0, None
-    for no, record in records:
-        text = tokenizer.encode(str(_field(record, fields["text"], path, no, "text")))
-        if cfg.task == "classification":
-            a, _ = _truncate(text, None, max_length - 2)
-            example, cut = [s + a + c], len(a) < len(text)
-        elif cfg.task in ("entailment", "similarity"):
-            b0 = tokenizer.encode(str(_field(record, fields["text_b"], path, no, "text_b")))
-            a, b = _truncate(text, b0, max_length - 3)
-            example = [s + a + d + b + c] + ([s + b + d + a + c] if cfg.task == "similarity" else [])
-            cut = len(a) + len(b) < len(text) + len(b0)
-        else:
-            columns = fields["choices"]
-            if isinstance(columns, list):
-                choices = [_field(record, col, path, no, "choices") for col in columns]
-            else:
-                choices = _field(record, columns, path, no, "choices")
-                if not isinstance(choices, list):
-                    raise DataError(f"{path} line {no}: field {columns!r} should be a list of choices")
-            if n_choices is None:
-                n_choices = len(choices)
-            if len(choices) != n_choices or n_choices < 2:
-                raise DataError(f"{path} line {no}: {len(choices)} choices, but earlier examples have {n_choices}; "
-                                "every example needs the same number (at least 2)")
-            example, cut = [], False
-            for choice in choices:
-                ch = tokenizer.encode(str(choice))
-                a, b = _truncate(text, ch, max_length - 3)
-                example.append(s + a + d + b + c)
-                cut |= len(a) + len(b) < len(text) + len(ch)
-        truncated += cut
-        seqs.append(example)
-        column = fields.get("label")
-        if column is None or column not in record:
-            if need_labels:
-                _field(record, column or "label", path, no, "label")
-            labs.append(-1)
-            continue
-        value = str(record[column])
-        if cfg.task == "multiple_choice":
-            if not value.lstrip("-").isdigit() or not 0 <= int(value) < n_choices:
-                raise DataError(f"{path} line {no}: label {value!r} is not a choice index in 0..{n_choices - 1}")
-            labs.append(int(value))
-        else:
-            if value not in labels:
-                raise DataError(f"{path} line {no}: label {value!r} is not one of the declared labels {labels} "
-                                "(finetune.labels)")
-            labs.append(labels.index(value))
-    C = len(seqs[0])
-    T = max(len(x) for ex in seqs for x in ex)
-    tokens = np.zeros((len(seqs), C, T), np.int32)
-    lengths = np.zeros((len(seqs), C), np.int32)
-    for i, ex in enumerate(seqs):
-        for j, x in enumerate(ex):
-            tokens[i, j, :len(x)] = x
-            lengths[i, j] = len(x)
-    return Examples(tokens, lengths, np.array(labs, np.int32), truncated)
-
-
-def pad_to(examples: Examples, T: int) -> Examples:
-    tokens = np.zeros(examples.tokens.shape[:2] + (T,), np.int32)
-    tokens[..., :examples.tokens.shape[2]] = examples.tokens
-    return dataclasses.replace(examples, tokens=tokens)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,31 +87,21 @@ def forward(config: GPTConfig, task: str, params, tokens_BCT, lengths_BC, *, det
 
 
 def losses(config: GPTConfig, task: str, params, batch, *, deterministic=True, rng=None, clf_pdrop=0.0):
-    """(task loss, LM loss, task logits); examples with weight 0 (batch padding) count for nothing."""
-    tokens, lengths, labels, weight = batch["tokens"], batch["lengths"], batch["labels"], batch["weight"]
+    """(task loss, LM loss, task logits). The losses are sums weighted per example by the batch's
+    `weight` (task loss) and `lm_weight` (each of its predicted tokens), which `make_batch` sets so
+    that sums over a whole batch are means over its real examples and their tokens; a part of the
+    batch (a micro-batch, one device's rows) gives its share of them."""
+    tokens, lengths, labels = batch["tokens"], batch["lengths"], batch["labels"]
     task_logits, lm_logits = forward(config, task, params, tokens, lengths, deterministic=deterministic, rng=rng,
                                      clf_pdrop=clf_pdrop)
     ce = optax.softmax_cross_entropy_with_integer_labels(task_logits, jnp.maximum(labels, 0))
-    task_loss = (ce * weight).sum() / jnp.maximum(weight.sum(), 1.0)
+    task_loss = (ce * batch["weight"]).sum()
     T = tokens.shape[-1]
     # position t predicts token t + 1 of the same sequence while t + 1 is a real token
-    valid_BCT = (jnp.arange(1, T)[None, None, :] < lengths[..., None]) * weight[:, None, None]
+    valid_BCT = (jnp.arange(1, T)[None, None, :] < lengths[..., None]) * batch["lm_weight"][:, None, None]
     token_ce = optax.softmax_cross_entropy_with_integer_labels(lm_logits[:, :, :-1], tokens[:, :, 1:])
-    lm = (token_ce * valid_BCT).sum() / jnp.maximum(valid_BCT.sum(), 1.0)
-    return task_loss, lm, task_logits
+    return task_loss, (token_ce * valid_BCT).sum(), task_logits
 
-
-def batches(examples: Examples, batch_size: int, order=None):
-    """Fixed-size batches; the last one is padded with weight-0 copies of example 0."""
-    order = np.arange(len(examples)) if order is None else order
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        weight = np.ones(batch_size, np.float32)
-        if len(idx) < batch_size:
-            weight[len(idx):] = 0
-            idx = np.concatenate([idx, np.zeros(batch_size - len(idx), idx.dtype)])
-        yield {"tokens": examples.tokens[idx], "lengths": examples.lengths[idx], "labels": examples.labels[idx],
-               "weight": weight}
 
 
 def make_predict(config: GPTConfig, task: str):
@@ -315,10 +127,9 @@ def load_base(cfg: FinetuneConfig, config: Config, rng):
     """(GPTConfig, GPT params, tokenizer) to fine-tune: from init_from, or a random model whose
     tokenizer is prepared from `data` as for pretraining."""
     if cfg.init_from is None:
-        from gpt_jax.data import prepare
-        from gpt_jax.trainer import _resolve_vocab
+        from gpt_jax.trainer import _resolve_vocab, prepare_data
 
-        data = prepare(config.data)
+        data = prepare_data(config)  # process 0 first in a multi-host run
         model = _resolve_vocab(config, data.tokenizer).model
         return model, init_params(model, rng), data.tokenizer
     path = Path(cfg.init_from)
@@ -339,152 +150,186 @@ def _with_dropout(model: GPTConfig, p):
     return model if p is None else dataclasses.replace(model, embd_pdrop=p, attn_pdrop=p, resid_pdrop=p)
 
 
-def finetune(config: Config, verbose: bool = True) -> dict:
-    """Fine-tune as `config.finetune` says; returns a summary with the dev accuracy per epoch."""
-    t0 = time.time()
-    cfg, tc = config.finetune, config.train
-    say = (lambda *a: print(*a, flush=True)) if verbose else (lambda *a: None)
+def finetune_config(config: Config, steps_per_epoch: int) -> Config:
+    """In `mode: finetune` the finetune section sets the batch, the steps (an evaluation at the end of
+    every epoch) and the optimizer: AdamW as in the GPT-1 code (betas 0.9 / 0.999, clipping at global
+    norm 1, decay on matrices only) on GPT-1's schedule. The optim section's grad_accum still applies."""
+    cfg = config.finetune
+    train = dataclasses.replace(config.train, batch_size=cfg.batch_size, steps=steps_per_epoch * cfg.epochs,
+                                eval_every=steps_per_epoch)
+    optim = OptimConfig(lr=cfg.lr, min_lr=0.0, schedule="linear", warmup_fraction=cfg.warmup_fraction,
+                        weight_decay=cfg.weight_decay, beta1=0.9, beta2=0.999, eps=1e-8, grad_clip=1.0,
+                        grad_accum=config.optim.grad_accum)
+    return dataclasses.replace(config, train=train, optim=optim)
+
+
+def _read_task_files(cfg: FinetuneConfig):
+    """(training records, dev records or None, labels) — bad files fail before any model is built."""
     if cfg.train_file is None:
         raise ConfigError("mode: finetune needs finetune.train_file (a TSV or JSONL file of labelled examples)")
-    train_records = read_records(cfg.train_file, cfg.format)  # bad files fail before any model is built
+    train = read_records(cfg.train_file, cfg.format)
     if cfg.max_examples:
-        train_records = train_records[:cfg.max_examples]
-    dev_records = read_records(cfg.dev_file, cfg.format) if cfg.dev_file else None
-    labels = label_set(train_records, cfg, cfg.train_file) if cfg.task != "multiple_choice" else None
-    run_dir = Path(tc.out_dir)
-    check_new_run_dir(run_dir)  # before the base model is loaded; again under the run's lock
+        train = train[:cfg.max_examples]
+    dev = read_records(cfg.dev_file, cfg.format) if cfg.dev_file else None
+    return train, dev, label_set(train, cfg, cfg.train_file) if cfg.task != "multiple_choice" else None
 
-    key = jax.random.key(tc.seed)
-    base, gpt_params, tokenizer = load_base(cfg, config, jax.random.fold_in(key, 0))
-    model, gpt_params, special = add_special_tokens(base, gpt_params, jax.random.fold_in(key, 1))
-    model = _with_dropout(model, cfg.dropout)
-    max_length = min(cfg.max_length or model.n_positions, model.n_positions)
-    train_ex = encode_examples(train_records, cfg, tokenizer, special, max_length, cfg.train_file, labels)
-    dev_ex = (encode_examples(dev_records, cfg, tokenizer, special, max_length, cfg.dev_file, labels)
-              if dev_records else None)
-    T = max(train_ex.tokens.shape[2], dev_ex.tokens.shape[2] if dev_ex else 0)
-    T = min(-(-T // 8) * 8, max_length)  # one compiled shape for train and dev
-    train_ex = pad_to(train_ex, T)
-    dev_ex = pad_to(dev_ex, T) if dev_ex else None
-    params = {"gpt": gpt_params, "head": init_head(model, n_outputs(cfg, labels), jax.random.fold_in(key, 2))}
 
-    B = cfg.batch_size
-    steps_per_epoch = math.ceil(len(train_ex) / B)
-    total = steps_per_epoch * cfg.epochs
-    warmup = max(1, round(cfg.warmup_fraction * total))
-    schedule = optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup),
-                                     optax.linear_schedule(cfg.lr, 0.0, max(total - warmup, 1))], [warmup])
-    # AdamW as in the GPT-1 code: betas (0.9, 0.999), clipping at global norm 1, decay on matrices only
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0),
-                            optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-8, weight_decay=cfg.weight_decay,
-                                        mask=decay_mask))
-    opt_state = optimizer.init(params)
+def _refuse_earlier_format(run_dir: Path) -> None:
+    info = run_dir / "finetune.json"
+    if info.is_file() and "format" not in json.loads(info.read_text()):
+        raise ConfigError(f"{run_dir} holds a fine-tuning run from an earlier gpt_jax that saved no optimizer state "
+                          "and cannot be resumed; set train.out_dir to a new directory (gpt_jax.predict and "
+                          "gpt_jax.evaluate still read it)")
 
-    def train_step(params, opt_state, batch, step):
-        def loss_fn(p):
-            task_loss, lm, logits = losses(model, cfg.task, p, batch, deterministic=False,
-                                           rng=jax.random.fold_in(jax.random.fold_in(key, 3), step),
-                                           clf_pdrop=cfg.clf_pdrop)
-            return task_loss + cfg.lm_coef * lm, (task_loss, lm, logits)
 
-        (loss, (task_loss, lm, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        correct = ((logits.argmax(-1) == batch["labels"]) * batch["weight"]).sum()
-        return optax.apply_updates(params, updates), opt_state, {
-            "loss": loss, "task_loss": task_loss, "lm_loss": lm, "correct": correct, "lr": schedule(step)}
+class FinetuneTask:
+    """GPT-1 fine-tuning for the training loop: Figure 1 batches (each process its rows), task loss +
+    lm_coef x LM loss, the head and the 3 special-token rows as extra parameters, dev accuracy at the
+    end of every epoch, "best" = highest dev accuracy (training accuracy without a dev file)."""
 
-    train_step = jax.jit(train_step, donate_argnums=(0, 1))
-    predict = make_predict(model, cfg.task)
+    kind = "finetune"
 
-    say(f"fine-tuning ({cfg.task}, labels {labels if labels else 'choice index'}) from "
-        f"{cfg.init_from or 'random initialisation'}{' (re-initialised)' if cfg.reinit else ''}: "
-        f"{len(train_ex)} training examples{f', {len(dev_ex)} dev' if dev_ex else ''}; "
-        f"{train_ex.tokens.shape[1]} sequence(s) of {T} tokens per example; batch {B}, {cfg.epochs} epochs = "
-        f"{total} steps; lm_coef {cfg.lm_coef}")
-    for name, ex in (("training", train_ex), ("dev", dev_ex)):
-        if ex is not None and ex.truncated:
-            say(f"truncated {ex.truncated} of {len(ex)} {name} examples to {max_length} tokens "
-                "(finetune.max_length)")
+    def __init__(self, config: Config, verbose: bool = True):
+        cfg = config.finetune
+        train_records, dev_records, self.labels = _read_task_files(cfg)
+        self.steps_per_epoch = math.ceil(len(train_records) / cfg.batch_size)
+        config = finetune_config(config, self.steps_per_epoch)
+        validate_parallel(config)
+        _refuse_earlier_format(Path(config.train.out_dir))
+        key = jax.random.key(config.train.seed)
+        base, gpt_params, self.tokenizer = load_base(cfg, config, jax.random.fold_in(key, 0))
+        model, gpt_params, self.special = add_special_tokens(base, gpt_params, jax.random.fold_in(key, 1))
+        self.model = model = _with_dropout(model, cfg.dropout)
+        self.config = config = dataclasses.replace(config, model=model)
+        self.max_length = min(cfg.max_length or model.n_positions, model.n_positions)
+        self._encode(train_records, dev_records)
+        self.params = {"gpt": gpt_params, "head": init_head(model, n_outputs(cfg, self.labels), jax.random.fold_in(key, 2))}
+        self.param_specs = {"gpt": logical_axes(model), "head": {"kernel": P(), "bias": P()}}
+        self.optimizer = make_optimizer(config.optim, config.train.steps)
+        self.schedule = make_schedule(config.optim, config.train.steps)
+        self.deterministic = cfg.clf_pdrop == 0 and max(model.embd_pdrop, model.attn_pdrop, model.resid_pdrop) == 0
+        self.correct = self.seen = 0.0
 
-    from gpt_jax.checkpoint import Checkpointer
-    from gpt_jax.trainer import MetricsLog
+    def _encode(self, train_records, dev_records):
+        cfg, labels, special = self.config.finetune, self.labels, self.special
+        train = encode_examples(train_records, cfg, self.tokenizer, special, self.max_length, cfg.train_file, labels)
+        dev = (encode_examples(dev_records, cfg, self.tokenizer, special, self.max_length, cfg.dev_file, labels)
+               if dev_records else None)
+        T = max(train.tokens.shape[2], dev.tokens.shape[2] if dev else 0)
+        self.seq_len = T = min(-(-T // 8) * 8, self.max_length)  # one compiled shape for train and dev
+        self.train, self.dev = pad_to(train, T), pad_to(dev, T) if dev else None
+        self.tokens_per_step = cfg.batch_size * train.tokens.shape[1] * T
+        self.eval_data = None if dev is None else jax.tree.map(
+            lambda *xs: np.stack(xs), *batches(self.dev, self.config.train.batch_size))
 
-    lock = lock_new_run_dir(run_dir)
-    save_config(dataclasses.replace(config, model=model), run_dir / "config.yaml")
-    (run_dir / "tokenizer.json").write_text(json.dumps(tokenizer.spec()))
-    meta = {"task": cfg.task, "labels": labels, "special_ids": dataclasses.asdict(special), "max_length": max_length,
-            "model": dataclasses.asdict(model), "fields": cfg.fields}
-    (run_dir / "finetune.json").write_text(json.dumps(meta, indent=1))
-    ckpt = Checkpointer(run_dir, keep=1)
-    log = MetricsLog(run_dir, True)
-    summary = {"run_dir": str(run_dir), "epochs": [], "train_examples": len(train_ex),
-               "truncated": train_ex.truncated + (dev_ex.truncated if dev_ex else 0), "best_dev_accuracy": None}
-    step, best = 0, -1.0
-    bar = tqdm(total=total, desc="finetune", disable=not verbose, file=sys.stdout, dynamic_ncols=True, mininterval=1.0)
-    try:
-        for epoch in range(cfg.epochs):
-            order = np.random.default_rng([tc.seed, epoch]).permutation(len(train_ex))
-            correct = seen = 0
-            for batch in batches(train_ex, B, order):
-                params, opt_state, m = train_step(params, opt_state, batch, step)
-                step += 1
-                m = {k: float(v) for k, v in jax.device_get(m).items()}
-                correct, seen = correct + m.pop("correct"), seen + batch["weight"].sum()
-                if not math.isfinite(m["loss"]):
-                    raise FloatingPointError(f"loss is {m['loss']} at step {step}; lower finetune.lr")
-                if step % tc.log_every == 0:
-                    log.write({"kind": "train", "step": step, **m})
-                bar.set_postfix(loss=f"{m['loss']:.4f}", refresh=False)
-                bar.update(1)
-            record = {"kind": "eval", "step": step, "epoch": epoch + 1, "train_accuracy": float(correct / seen)}
-            if dev_ex is not None:
-                probs = predict_probs(model, cfg.task, params, dev_ex, B, predict)
-                record["dev_accuracy"] = float((probs.argmax(-1) == dev_ex.labels).mean())
-                record["dev_loss"] = float(-np.log(np.maximum(probs[np.arange(len(dev_ex)), dev_ex.labels], 1e-12)).mean())
-            log.write(record)
-            score = record.get("dev_accuracy", record["train_accuracy"])
-            improved = score > best
-            best = max(best, score)
-            ckpt.save(step, {"params": params}, {**meta, "epoch": epoch + 1, **record}, best=improved)
-            summary["epochs"].append(record)
-            if verbose:
-                bar.write(f"epoch {epoch + 1}: train accuracy {record['train_accuracy']:.4f}"
-                          + (f", dev accuracy {record['dev_accuracy']:.4f}" if "dev_accuracy" in record else "")
-                          + (" (best so far)" if improved else ""))
-    finally:
-        bar.close()
-        ckpt.wait()
-        ckpt.close()
-        log.close()
-        if lock is not None:
-            lock.release()
-    summary.update(best_dev_accuracy=best if dev_ex is not None else None, seconds=time.time() - t0, params=params,
-                   config=model, labels=labels, tokenizer=tokenizer, special=special)
-    return summary
+    def describe(self) -> list[str]:
+        cfg, tc, train, dev = self.config.finetune, self.config.train, self.train, self.dev
+        lines = [f"fine-tuning ({cfg.task}, labels {self.labels if self.labels else 'choice index'}) from "
+                 f"{cfg.init_from or 'random initialisation'}{' (re-initialised)' if cfg.reinit else ''}: "
+                 f"{len(train)} training examples{f', {len(dev)} dev' if dev else ''}; {train.tokens.shape[1]} "
+                 f"sequence(s) of {self.seq_len} tokens per example; batch {tc.batch_size}, {cfg.epochs} epochs = "
+                 f"{tc.steps} steps; lm_coef {cfg.lm_coef}"]
+        for name, ex in (("training", train), ("dev", dev)):
+            if ex is not None and ex.truncated:
+                lines.append(f"truncated {ex.truncated} of {len(ex)} {name} examples to {self.max_length} tokens "
+                             "(finetune.max_length)")
+        return lines
+
+    def _state(self) -> TrainState:
+        return TrainState(step=jnp.zeros((), jnp.int32), params=self.params, opt_state=self.optimizer.init(self.params),
+                          rng=jax.random.key_data(jax.random.key(self.config.train.seed)))
+
+    def abstract_state(self):
+        return jax.eval_shape(self._state)
+
+    def initial_state(self, strategy):
+        return strategy.place(self._state())
+
+    def loss(self, params, batch, key):
+        cfg = self.config.finetune
+        task_loss, lm, logits = losses(self.model, cfg.task, params, batch, deterministic=self.deterministic,
+                                       rng=key, clf_pdrop=cfg.clf_pdrop)
+        real = batch["weight"] > 0
+        correct = ((logits.argmax(-1) == batch["labels"]) & real).sum().astype(jnp.float32)
+        return task_loss + cfg.lm_coef * lm, {"task_loss": task_loss, "lm_loss": lm, "correct": correct,
+                                              "examples": real.sum().astype(jnp.float32)}
+
+    def batches(self, data_state: dict):
+        """Epochs in the order drawn from (seed, epoch); the state (epoch, cursor) resumes mid-epoch."""
+        tc, A, N = self.config.train, self.config.optim.grad_accum, len(self.train)
+        B, P, p = tc.batch_size, jax.process_count(), jax.process_index()
+        epoch, cursor = data_state["epoch"], data_state["cursor"]
+        order = np.random.default_rng([tc.seed, epoch]).permutation(N)
+        while True:
+            if cursor >= N:
+                epoch, cursor = epoch + 1, 0
+                order = np.random.default_rng([tc.seed, epoch]).permutation(N)
+            idx = np.full(B, -1)
+            chunk = order[cursor:cursor + B]
+            idx[:len(chunk)] = chunk
+            cursor += B
+            batch = make_batch(self.train, idx, slice(p * B // P, (p + 1) * B // P))
+            yield jax.tree.map(lambda x: x.reshape((A, x.shape[0] // A) + x.shape[1:]), batch), \
+                {"epoch": epoch, "cursor": cursor}
+
+    def evaluate(self, params, dev):
+        """Dev-set correct answers and summed negative log-likelihood of the gold answers."""
+        def one(batch):
+            logits, _ = forward(self.model, self.config.finetune.task, params, batch["tokens"], batch["lengths"])
+            logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+            real = batch["weight"] > 0
+            gold = jnp.take_along_axis(logp, jnp.maximum(batch["labels"], 0)[:, None], axis=-1)[:, 0]
+            return ((logits.argmax(-1) == batch["labels"]) & real).sum(), jnp.where(real, -gold, 0.0).sum()
+
+        correct, nll = jax.lax.map(one, dev)
+        return {"correct": correct.sum(), "nll": nll.sum()}
+
+    def eval_record(self, step: int, raw: dict):
+        record = {"kind": "eval", "step": step, "epoch": step // self.steps_per_epoch,
+                  "train_accuracy": self.correct / max(self.seen, 1.0)}
+        self.correct = self.seen = 0.0
+        if raw:
+            record.update(dev_accuracy=raw["correct"] / len(self.dev), dev_loss=raw["nll"] / len(self.dev))
+        return record, record.get("dev_accuracy", record["train_accuracy"])
+
+    def observe(self, metrics: dict) -> dict:
+        self.correct += metrics.pop("correct")
+        self.seen += metrics.pop("examples")
+        return metrics
+
+    def progress(self) -> dict:
+        return {"correct": self.correct, "seen": self.seen}
+
+    def restore(self, progress: dict) -> None:
+        self.correct, self.seen = progress.get("correct", 0.0), progress.get("seen", 0.0)
+
+    def after_eval(self, params, step: int, record: dict, improved: bool) -> list[str]:
+        return [f"epoch {record['epoch']}: train accuracy {record['train_accuracy']:.4f}"
+                + (f", dev accuracy {record['dev_accuracy']:.4f}" if "dev_accuracy" in record else "")
+                + (" (best so far)" if improved else "")]
+
+    def write_files(self, run_dir: Path) -> None:
+        cfg = self.config.finetune
+        info = {"format": 2, "task": cfg.task, "labels": self.labels, "special_ids": dataclasses.asdict(self.special),
+                "max_length": self.max_length, "model": dataclasses.asdict(self.model), "fields": cfg.fields}
+        (run_dir / "finetune.json").write_text(json.dumps(info, indent=1))
+
+    def summarize(self, summary: dict) -> None:
+        summary.update(epochs=summary.pop("evals", []), best_dev_accuracy=summary["best"] if self.dev else None,
+                       train_examples=len(self.train), labels=self.labels, special=self.special, model=self.model,
+                       truncated=self.train.truncated + (self.dev.truncated if self.dev else 0))
 
 
 def load_finetuned(run_dir):
-    """(GPTConfig, params, tokenizer, meta) of the best checkpoint of a fine-tuning run."""
-    from gpt_jax.checkpoint import Checkpointer
+    """(GPTConfig, params, tokenizer, meta) of the best checkpoint of a fine-tuning run (of this or an
+    earlier gpt_jax: the parameters are read by the checkpoint's own metadata)."""
     from gpt_jax.tokenizer import load_tokenizer
+    from gpt_jax.trainer import restore_params
 
     run_dir = Path(run_dir)
     if not (run_dir / "finetune.json").is_file():
         raise ConfigError(f"{run_dir} is not a fine-tuning run (finetune.json is missing); "
                           "train one with train.py and mode: finetune")
     meta = json.loads((run_dir / "finetune.json").read_text())
-    model = GPTConfig(**meta["model"])
     tokenizer = load_tokenizer(json.loads((run_dir / "tokenizer.json").read_text()))
-    n_out = 1 if meta["task"] == "multiple_choice" else len(meta["labels"])
-    abstract = jax.eval_shape(lambda: {"params": {"gpt": init_params(model, jax.random.key(0)),
-                                                  "head": init_head(model, n_out, jax.random.key(0))}})
-    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-    ckpt = Checkpointer(run_dir, keep=1, read_only=True)
-    try:
-        restored = ckpt.restore_latest(abstract, ckpt.best) or ckpt.restore_latest(abstract, ckpt.last)
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise ConfigError(f"{run_dir} has no checkpoint that restores")
-    return model, restored[0]["params"], tokenizer, meta
+    return GPTConfig(**meta["model"]), restore_params(run_dir), tokenizer, meta

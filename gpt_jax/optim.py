@@ -12,10 +12,22 @@ import optax
 from gpt_jax.config import OptimConfig
 
 
-def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `lr`, then cosine / linear decay to `min_lr` at `decay_steps`, or constant."""
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    """`warmup_steps`, or `warmup_fraction` of the decay steps (at least 1) when that is set."""
     decay_steps = cfg.decay_steps or total_steps
-    warmup = min(cfg.warmup_steps, decay_steps)
+    if cfg.warmup_fraction is not None:
+        return min(max(1, round(cfg.warmup_fraction * decay_steps)), decay_steps)
+    return min(cfg.warmup_steps, decay_steps)
+
+
+def make_schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `lr`, then cosine / linear decay to `min_lr` at `decay_steps`, or constant.
+
+    GPT-1's fine-tuning schedule is `schedule: linear`, `min_lr: 0` with `warmup_fraction: 0.002`:
+    linear warmup over 0.2% of the steps, then linear decay to 0.
+    """
+    decay_steps = cfg.decay_steps or total_steps
+    warmup = warmup_steps(cfg, total_steps)
     if cfg.schedule == "constant":
         after = optax.constant_schedule(cfg.lr)
     elif cfg.schedule == "linear":

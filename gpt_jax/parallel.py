@@ -82,8 +82,9 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, stacklevel=3)
 
 
-def param_shardings(config: Config, mesh, abstract_params):
-    specs = logical_axes(config.model)
+def param_shardings(config: Config, mesh, abstract_params, specs=None):
+    """NamedShardings by RULES from the logical `specs` (default: the GPT's own)."""
+    specs = logical_axes(config.model) if specs is None else specs
 
     def sharding(path, spec, x):
         return NamedSharding(mesh, _mesh_spec(spec, x.shape, mesh, "params/" + "/".join(
@@ -101,10 +102,10 @@ def _trailing_dict_keys(path) -> tuple:
     return tuple(reversed(keys))
 
 
-def state_shardings(config: Config, mesh, abstract_state):
+def state_shardings(config: Config, mesh, abstract_state, specs=None):
     """Shardings for a TrainState: parameters by RULES, optimizer moments like their parameters,
     everything else (step, counts, RNG) replicated."""
-    params_sh = param_shardings(config, mesh, abstract_state.params)
+    params_sh = param_shardings(config, mesh, abstract_state.params, specs)
     by_path = {_trailing_dict_keys(p): s for p, s in jax.tree_util.tree_flatten_with_path(params_sh)[0]}
     replicated = NamedSharding(mesh, P())
 
@@ -117,9 +118,10 @@ def state_shardings(config: Config, mesh, abstract_state):
         opt_state=jax.tree_util.tree_map_with_path(for_leaf, abstract_state.opt_state))
 
 
-def batch_sharding(mesh) -> NamedSharding:
-    """[A, b, T + 1] batches: rows split over data x fsdp, micro-batch and time whole."""
-    return NamedSharding(mesh, P(None, BATCH_AXES, None))
+def batch_sharding(mesh, lead: int = 1) -> NamedSharding:
+    """Batches whose rows are axis `lead` ([A, b, ...], or [K, A, b, ...] for K steps at once): rows
+    split over data x fsdp, every other axis whole."""
+    return NamedSharding(mesh, P(*(None,) * lead, BATCH_AXES))
 
 
 def check_batch(config: Config, shards: int) -> dict:
@@ -174,19 +176,20 @@ class Single:
     def params(self, state):
         return state.params
 
-    def compile_step(self, step_fn):
+    def compile_step(self, step_fn, lead: int = 1):
+        """`step_fn(state, batch)` compiled with the state donated; the batch rows are axis `lead`."""
         return jax.jit(step_fn, donate_argnums=0)
 
     def compile_eval(self, eval_fn):
         return jax.jit(eval_fn)
 
-    def put_batch(self, batch_ABT1):
-        """This process's rows of a global [A, b, T + 1] batch, placed for the step."""
-        return batch_ABT1
+    def put_batch(self, batch, lead: int = 1):
+        """This process's rows (axis `lead` of every leaf) of a global batch, placed for the step."""
+        return jax.device_put(batch, self.device)
 
-    def put_eval(self, batch_BT1):
-        """A whole [B, T + 1] evaluation batch (the same on every process), placed for `params`."""
-        return batch_BT1
+    def put_eval(self, batches):
+        """Evaluation batches [n, B, ...] (the same on every process), placed for `params`."""
+        return jax.device_put(batches, self.device)
 
     def metrics(self, metrics):
         return metrics
@@ -232,15 +235,18 @@ class Pmap(Single):
         return jax.tree.map(global_replicated, state)
 
     def params(self, state):
-        return unreplicate(state.params)
+        """One copy, on the first local device (where `put_eval` places the evaluation batches)."""
+        return jax.device_put(unreplicate(state.params), self.device)
 
-    def compile_step(self, step_fn):
+    def compile_step(self, step_fn, lead: int = 1):
         return jax.pmap(step_fn, axis_name=self.axis_name, donate_argnums=0)
 
-    def put_batch(self, batch_ABT1):
-        A, b, T1 = batch_ABT1.shape
-        n = self.n_local
-        return batch_ABT1.reshape(A, n, b // n, T1).transpose(1, 0, 2, 3)
+    def put_batch(self, batch, lead: int = 1):
+        def split(x):  # rows -> [n_local, rows / n_local] with the device axis first; pmap transfers it
+            shape = x.shape[:lead] + (self.n_local, x.shape[lead] // self.n_local) + x.shape[lead + 1:]
+            return np.moveaxis(x.reshape(shape), lead, 0)
+
+        return jax.tree.map(split, batch)
 
     def metrics(self, metrics):
         return unreplicate(metrics)
@@ -251,12 +257,11 @@ class Mesh(Single):
 
     name = "mesh"
 
-    def __init__(self, config: Config, abstract_state):
+    def __init__(self, config: Config, abstract_state, specs=None):
         self.mesh = make_mesh(config.parallel)
         self.n_devices = self.mesh.size
         self.accounting = check_batch(config, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
-        self.state_sh = state_shardings(config, self.mesh, abstract_state)
-        self.batch_sh = batch_sharding(self.mesh)
+        self.state_sh = state_shardings(config, self.mesh, abstract_state, specs)
 
     def describe(self) -> str:
         return f"mesh {dict(self.mesh.shape)} over {self.n_devices} devices ({jax.devices()[0].device_kind})"
@@ -270,8 +275,8 @@ class Mesh(Single):
     def init(self, init_fn):
         return jax.jit(init_fn, out_shardings=self.state_sh)()
 
-    def compile_step(self, step_fn):
-        return jax.jit(self.on_mesh(step_fn), in_shardings=(self.state_sh, self.batch_sh),
+    def compile_step(self, step_fn, lead: int = 1):
+        return jax.jit(self.on_mesh(step_fn), in_shardings=(self.state_sh, batch_sharding(self.mesh, lead)),
                        out_shardings=(self.state_sh, NamedSharding(self.mesh, P())), donate_argnums=0)
 
     def compile_eval(self, eval_fn):
@@ -287,15 +292,21 @@ class Mesh(Single):
 
         return traced
 
-    def put_batch(self, batch_ABT1):
+    def put_batch(self, batch, lead: int = 1):
+        sharding = batch_sharding(self.mesh, lead)
         if jax.process_count() == 1:
-            return jax.device_put(batch_ABT1, self.batch_sh)
-        A, b, T1 = batch_ABT1.shape  # this process's rows; the global batch has process_count times as many
-        return jax.make_array_from_process_local_data(self.batch_sh, batch_ABT1, (A, b * jax.process_count(), T1))
+            return jax.device_put(batch, sharding)
 
-    def put_eval(self, batch_BT1):
-        sharding = NamedSharding(self.mesh, P(BATCH_AXES, None))
-        return jax.make_array_from_callback(batch_BT1.shape, sharding, lambda index: batch_BT1[index])
+        def put(x):  # this process's rows; the global batch has process_count times as many
+            shape = x.shape[:lead] + (x.shape[lead] * jax.process_count(),) + x.shape[lead + 1:]
+            return jax.make_array_from_process_local_data(sharding, x, shape)
+
+        return jax.tree.map(put, batch)
+
+    def put_eval(self, batches):
+        sharding = batch_sharding(self.mesh, 1)
+        return jax.tree.map(lambda x: jax.make_array_from_callback(x.shape, sharding, lambda index: x[index]),
+                            batches)
 
 
 def validate(config: Config) -> None:
@@ -311,10 +322,11 @@ def validate(config: Config) -> None:
         check_batch(config, jax.device_count() if kind == "pmap" else 1)
 
 
-def make_strategy(config: Config, abstract_state):
+def make_strategy(config: Config, abstract_state, specs=None):
+    """The strategy `parallel.strategy` names; `specs` are the parameters' logical axes (default: the GPT's)."""
     kind = config.parallel.strategy
     if kind == "pmap":
         return Pmap(config)
     if kind == "mesh":
-        return Mesh(config, abstract_state)
+        return Mesh(config, abstract_state, specs)
     return Single(config)

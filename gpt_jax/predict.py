@@ -18,7 +18,8 @@ from gpt_jax.config import FinetuneConfig
 
 
 def predict_file(run_dir, input_path, output_path=None, batch_size: int = 32, fmt: str = "auto") -> dict:
-    from gpt_jax.finetune import SpecialIds, encode_examples, load_finetuned, predict_probs, read_records
+    from gpt_jax.finetune import load_finetuned, predict_probs
+    from gpt_jax.records import SpecialIds, encode_examples, read_records
 
     model, params, tokenizer, meta = load_finetuned(run_dir)
     cfg = FinetuneConfig(task=meta["task"], fields=meta["fields"], labels=meta["labels"], format=fmt)

@@ -71,28 +71,6 @@ def lock_run_dir(run_dir) -> RunLock | None:
     return lock
 
 
-def check_new_run_dir(run_dir) -> None:
-    """For a run that never resumes (fine-tuning): a directory that already holds checkpoints (or a
-    fine-tuning run) belongs to another run, and is refused before anything in it is written."""
-    held = [p for name in ("checkpoints", "best") for p in sorted((Path(run_dir) / name).glob("*"))]
-    held += [p for p in [Path(run_dir) / "finetune.json"] if p.exists()]
-    if held:
-        raise RunDirError(f"{run_dir} already holds a run ({held[0]}); fine-tuning starts afresh from "
-                          "finetune.init_from and does not resume: set another train.out_dir (or delete this one)")
-
-
-def lock_new_run_dir(run_dir) -> RunLock | None:
-    """`lock_run_dir`, then `check_new_run_dir` under the lock."""
-    lock = lock_run_dir(run_dir)
-    try:
-        check_new_run_dir(run_dir)
-    except RunDirError:
-        if lock is not None:
-            lock.release()
-        raise
-    return lock
-
-
 # --- does a checkpoint belong to this command? ---------------------------------------------------
 
 _HOW_IT_RUNS = {"model.remat", "model.attention", "model.attention_platform", "model.scan_layers", "model.dtype"}  # not what the model is

@@ -1,9 +1,10 @@
-"""Train state, the pure train / eval steps, and the training loop with logging and checkpoints.
+"""Pretraining: the language-modelling task the loop in `loop.py` runs, and what uses its runs.
 
-`train_step(state, batch) -> (state, metrics)` is pure and jitted with the state donated. A batch
-is [A, b, T + 1] tokens: A micro-batches for gradient accumulation, scanned inside the step, so one
-dispatch does one optimizer step. Dropout keys are `fold_in(key(seed), step)` and the sampler state
-is saved with every checkpoint, so a resumed run continues the exact loss curve.
+The task: windows of `n_positions + 1` tokens from the deterministic `Sampler` (its state is saved
+with every checkpoint, so a resumed run continues the exact loss curve), next-token loss, validation
+loss on fixed batches, "best" = lowest val loss, a text sample at each evaluation. A batch is
+[A, b, T + 1] tokens: A micro-batches for gradient accumulation, scanned inside the step.
+`train(config)` runs it, or the fine-tuning task for `mode: finetune`.
 """
 
 from __future__ import annotations
@@ -11,36 +12,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import signal
-import sys
 import time
 from pathlib import Path
-from typing import Any
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from tqdm import tqdm
+import orbax.checkpoint as ocp
 
 from gpt_jax.checkpoint import Checkpointer
-from gpt_jax.config import Config, ConfigError, save_config
+from gpt_jax.config import Config, ConfigError
 from gpt_jax.data import Sampler, check_batches, eval_batches, prepare
-from gpt_jax.distributed import any_process, barrier
-from gpt_jax.flops import device_peak_flops, flops_per_token
-from gpt_jax.model import GPT, init_params, lm_loss
+from gpt_jax.distributed import barrier
+from gpt_jax.loop import TrainState, make_step, run
+from gpt_jax.model import GPT, init_params, lm_loss, logical_axes
 from gpt_jax.optim import make_optimizer, make_schedule
-from gpt_jax.parallel import Single, make_strategy, validate as validate_parallel
-from gpt_jax.rundir import drop_torn_line, lock_run_dir, read_jsonl, resume_check
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array  # optimizer steps done
-    params: Any
-    opt_state: Any
-    rng: jax.Array  # uint32 key data of the run's base key (from the config seed)
+from gpt_jax.parallel import batch_sharding, make_strategy, validate as validate_parallel
 
 
 def has_dropout(config: Config) -> bool:
@@ -56,6 +43,7 @@ def init_state(config: Config, optimizer) -> TrainState:
 
 
 def make_loss_fn(config: Config):
+    """Mean next-token loss of a [b, T + 1] batch (dropout from `key` when the model has any)."""
     model = GPT(config.model)
     deterministic = not has_dropout(config)
 
@@ -67,31 +55,19 @@ def make_loss_fn(config: Config):
     return loss_fn
 
 
+def make_share_loss(config: Config):
+    """The loop's loss convention: a micro-batch's share of the global batch's mean loss."""
+    loss_fn, batch_size = make_loss_fn(config), config.train.batch_size
+
+    def share(params, tokens_bT1, key):
+        return loss_fn(params, tokens_bT1, key) * (tokens_bT1.shape[0] / batch_size), {}
+
+    return share
+
+
 def make_train_step(config: Config, optimizer, schedule, axis_name: str | None = None):
-    """The pure step; gradients are averaged over the A micro-batches of a [A, b, T + 1] batch, and
-    over devices with `lax.pmean` when `axis_name` names a pmap axis."""
-    loss_fn = make_loss_fn(config)
-
-    def train_step(state: TrainState, batch_ABT1):
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-
-        def micro(grad_sum, xs):
-            i, tokens = xs
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, tokens, jax.random.fold_in(key, i))
-            return jax.tree.map(jnp.add, grad_sum, grads), loss
-
-        A = batch_ABT1.shape[0]
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        grads, losses = jax.lax.scan(micro, zeros, (jnp.arange(A), batch_ABT1))
-        grads = jax.tree.map(lambda g: g / A, grads)
-        if axis_name is not None:
-            grads, losses = jax.lax.pmean((grads, losses), axis_name)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": losses.mean(), "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
-
-    return train_step
+    """The pure pretraining step on [A, b, T + 1] batches (see `loop.make_step`)."""
+    return make_step(make_share_loss(config), optimizer, schedule, axis_name)
 
 
 def make_eval_step(config: Config):
@@ -101,20 +77,6 @@ def make_eval_step(config: Config):
         return lm_loss(model.apply({"params": params}, tokens_BT1[:, :-1]), tokens_BT1[:, 1:])
 
     return eval_step
-
-
-def _describe(config: Config) -> str:
-    """The resolved config in short: the values that differ from the defaults."""
-    default = Config().to_dict()
-    parts = []
-    for section, values in config.to_dict().items():
-        if not isinstance(values, dict):  # a top-level key such as `mode`
-            parts += [f"{section}={values}"] if default[section] != values else []
-            continue
-        if section == "finetune" and config.mode != "finetune":
-            continue
-        parts += [f"{section}.{k}={v}" for k, v in values.items() if default[section].get(k) != v]
-    return " ".join(parts)
 
 
 def _resolve_vocab(config: Config, tokenizer) -> Config:
@@ -128,241 +90,110 @@ def _resolve_vocab(config: Config, tokenizer) -> Config:
     return config
 
 
-class MetricsLog:
-    """metrics.jsonl + TensorBoard events in the run directory (process 0 only)."""
-
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.enabled = enabled
-        if enabled:
-            from tensorboardX import SummaryWriter
-
-            drop_torn_line(run_dir / "metrics.jsonl")
-            self.file = open(run_dir / "metrics.jsonl", "a")
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-
-    def write(self, record: dict) -> None:
-        if not self.enabled:
-            return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-        for k, v in record.items():
-            if k not in ("step", "kind") and isinstance(v, (int, float)):
-                self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
-
-    def close(self):
-        if self.enabled:
-            self.file.close()
-            self.tb.close()
+def prepare_data(config: Config, verbose: bool = True):
+    """Process 0 prepares the token files; the others then find them in a shared cache (or prepare
+    their own copy)."""
+    main = jax.process_index() == 0
+    if main:
+        data = prepare(config.data, verbose=verbose)
+    barrier("gpt_jax: data prepared")
+    return data if main else prepare(config.data, verbose=False)
 
 
-def plot_losses(run_dir: Path) -> Path | None:
-    """loss.png: train and val loss against step, from metrics.jsonl."""
-    import matplotlib
+class PretrainTask:
+    """Next-token prediction on a token stream (see the module docstring)."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    kind = "train"
 
-    records = read_jsonl(run_dir / "metrics.jsonl")
-    series = {}
-    for r in records:  # later records win: a resumed run rewrites the steps after its checkpoint
-        key = "val_loss" if r["kind"] == "eval" else "loss"
-        if key in r:
-            series.setdefault(r["kind"], {})[r["step"]] = r[key]
-    if not series:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for kind, points in series.items():
-        steps = sorted(points)
-        ax.plot(steps, [points[s] for s in steps], label="val" if kind == "eval" else "train",
-                marker="o" if kind == "eval" else None)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(run_dir / "loss.png", dpi=100)
-    plt.close(fig)
-    return run_dir / "loss.png"
+    def __init__(self, config: Config, verbose: bool = True):
+        validate_parallel(config)  # batch / mesh errors before reading any data
+        self.data = prepare_data(config, verbose)
+        self.config = config = _resolve_vocab(config, self.data.tokenizer)
+        self.tokenizer = self.data.tokenizer
+        tc, T = config.train, config.model.n_positions
+        check_batches(self.data, T, tc.batch_size)  # data errors before the run directory is touched
+        self.optimizer, self.schedule = make_optimizer(config.optim, tc.steps), make_schedule(config.optim, tc.steps)
+        self.param_specs = logical_axes(config.model)
+        self.seq_len, self.tokens_per_step = T, tc.batch_size * T
+        self.eval_data = np.stack(eval_batches(self.data.tokens("val"), T, tc.batch_size, tc.eval_batches))
+        self.loss = make_share_loss(config)
+        self._eval_step = make_eval_step(config)
+        # Sampling runs on one process: a model sharded across processes would need all of them.
+        self.can_sample = jax.process_index() == 0 and (jax.process_count() == 1 or config.parallel.strategy != "mesh")
+        self.last_loss = math.nan
 
+    def describe(self) -> list[str]:
+        m, tok = self.data.manifest, self.tokenizer
+        return [f"data: {m['train_tokens']:,} train / {m['val_tokens']:,} val tokens ({tok.kind}, vocab "
+                f"{tok.vocab_size}) from {self.data.dir}"]
 
-class _Signals:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint and stops at the next step."""
+    def abstract_state(self):
+        return jax.eval_shape(lambda: init_state(self.config, self.optimizer))
 
-    def __init__(self):
-        self.received = None
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+    def initial_state(self, strategy):
+        return strategy.init(lambda: init_state(self.config, self.optimizer))
 
-    def _handle(self, signum, _frame):
-        self.received = signum
+    def batches(self, data_state: dict):
+        tc, A, T = self.config.train, self.config.optim.grad_accum, self.seq_len
+        sampler = Sampler(self.data.tokens("train"), T, tc.batch_size, tc.seed, jax.process_index(),
+                          jax.process_count(), **data_state)
+        while True:
+            batch = sampler.next()
+            yield batch.reshape(A, batch.shape[0] // A, T + 1), sampler.state()
 
-    def restore(self):
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
+    def evaluate(self, params, batches_NBT1):
+        return {"loss_sum": jax.lax.map(lambda b: self._eval_step(params, b), batches_NBT1).sum()}
+
+    def eval_record(self, step: int, raw: dict):
+        val = raw["loss_sum"] / len(self.eval_data)
+        return {"kind": "eval", "step": step, "val_loss": val, "val_ppl": math.exp(min(val, 50))}, -val
+
+    def observe(self, metrics: dict) -> dict:
+        self.last_loss = metrics["loss"]
+        return metrics
+
+    def progress(self) -> dict:
+        return {}
+
+    def restore(self, progress: dict) -> None:
+        pass
+
+    def after_eval(self, params, step: int, record: dict, improved: bool) -> list[str]:
+        tc = self.config.train
+        lines = [f"step {step}: train loss {self.last_loss:.4f}, val loss {record['val_loss']:.4f} "
+                 f"(ppl {record['val_ppl']:.2f})"]
+        if tc.sample_tokens > 0 and self.can_sample:
+            lines.append(sample_text(self.config, params, self.tokenizer, tc.sample_prompt, tc.sample_tokens,
+                                     seed=step, temperature=tc.sample_temperature))
+        return lines
+
+    def write_files(self, run_dir: Path) -> None:
+        pass
+
+    def summarize(self, summary: dict) -> None:
+        evals = summary.pop("evals", [])
+        if evals:
+            summary["val_loss"] = evals[-1]["val_loss"]
+        summary["best_val"] = -summary["best"]
 
 
 def train(config: Config, verbose: bool = True) -> dict:
-    """Run (or resume) pretraining as `config` says. Returns a summary dict."""
-    t_start = time.time()
-    tc, oc = config.train, config.optim
-    main = jax.process_index() == 0
-    say = (lambda *a: print(*a, flush=True)) if (verbose and main) else (lambda *a: None)
-    schedule = make_schedule(oc, tc.steps)
-    optimizer = make_optimizer(oc, tc.steps)
-    validate_parallel(config)  # batch / mesh errors before reading any data
+    """Run (or resume) the run `config` describes: pretraining, or fine-tuning (`mode: finetune`).
+    Returns a summary dict."""
+    if config.mode == "finetune":
+        from gpt_jax.finetune import FinetuneTask
 
-    if main:  # process 0 prepares; the others then find it in a shared cache (or prepare their own copy)
-        data = prepare(config.data, verbose=verbose)
-    barrier("gpt_jax: data prepared")
-    if not main:
-        data = prepare(config.data, verbose=False)
-    config = _resolve_vocab(config, data.tokenizer)
-    check_batches(data, config.model.n_positions, tc.batch_size)  # data errors before the run directory is touched
-    run_dir = Path(tc.out_dir)
-    lock = lock_run_dir(run_dir)
-    say(f"config: {_describe(config)}")
-    say(f"data: {data.manifest['train_tokens']:,} train / {data.manifest['val_tokens']:,} val tokens "
-        f"({data.tokenizer.kind}, vocab {data.tokenizer.vocab_size}) from {data.dir}")
-
-    T = config.model.n_positions
-    ckpt = Checkpointer(run_dir, keep=tc.keep_checkpoints)
-    abstract = jax.eval_shape(lambda: init_state(config, optimizer))
-    strategy = make_strategy(config, abstract)
-    sampler_state, best_val, start = {"epoch": 0, "cursor": 0}, math.inf, 0
-    restored = ckpt.restore_latest(strategy.restore_target(abstract),
-                                   check=resume_check(run_dir, config, data.tokenizer))  # another run's: stop
-    if restored is not None:
-        state, meta, start = restored
-        state = strategy.place(state)
-        sampler_state, best_val = meta["sampler"], meta.get("best_val", math.inf)
-        say(f"resuming from step {start} in {run_dir / 'checkpoints'}")
-    else:
-        state = strategy.init(lambda: init_state(config, optimizer))
-    if main:
-        save_config(config, run_dir / "config.yaml")
-        (run_dir / "tokenizer.json").write_text(json.dumps(data.tokenizer.spec()))
-
-    sampler = Sampler(data.tokens("train"), T, tc.batch_size, tc.seed, jax.process_index(), jax.process_count(),
-                      **sampler_state)
-    val = eval_batches(data.tokens("val"), T, tc.batch_size, tc.eval_batches)
-    train_step = strategy.compile_step(make_train_step(config, optimizer, schedule,
-                                                       "batch" if strategy.name == "pmap" else None))
-    eval_step = strategy.compile_eval(make_eval_step(config))
-    A = oc.grad_accum
-    acct = strategy.accounting
-    tokens_per_step = acct["tokens_per_step"]
-    peak, peak_src = device_peak_flops(config.model.dtype)
-    peak *= strategy.n_devices
-    flops_per_step = flops_per_token(config.model, T) * tokens_per_step
-    say(f"parallel: {strategy.describe()}; global batch {acct['global_batch']}, per-device batch "
-        f"{acct['per_device_batch']}, {A} accumulation step(s), {tokens_per_step:,} tokens/step; "
-        f"MFU against {peak / 1e12:.2f} TFLOP/s ({peak_src} x {strategy.n_devices})")
-
-    if jax.process_count() > 1:
-        print(f"process {jax.process_index()} of {jax.process_count()}: {jax.local_device_count()} of "
-              f"{jax.device_count()} devices; reads rows {sampler.rows.start}..{sampler.rows.stop - 1} of each "
-              f"global batch of {tc.batch_size}", flush=True)
-    # Sampling runs on one process: a model sharded across processes would need all of them.
-    can_sample = main and (jax.process_count() == 1 or strategy.name != "mesh")
-    log = MetricsLog(run_dir, main)
-    signals = _Signals()
-    summary = {"run_dir": str(run_dir), "start_step": start, "interrupted": None, "best_val": best_val}
-
-    def meta():
-        return {"sampler": sampler.state(), "config": config.to_dict(), "best_val": best_val}
-
-    def evaluate(step):
-        nonlocal best_val
-        params = strategy.params(state)
-        losses = [float(eval_step(params, strategy.put_eval(b))) for b in val]
-        val_loss = float(np.mean(losses))
-        record = {"kind": "eval", "step": step, "val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
-        log.write(record)
-        improved = val_loss < best_val
-        best_val = min(best_val, val_loss)
-        summary.update(val_loss=val_loss, best_val=best_val)
-        return record, improved
-
-    bar = tqdm(total=tc.steps, initial=start, desc="train", disable=not (verbose and main), dynamic_ncols=True,
-               file=sys.stdout, mininterval=1.0)
-    note = bar.write if (verbose and main) else (lambda *a: None)  # tqdm.write prints even when disabled
-    pending = None  # (step, metrics) dispatched but not read yet: the host never waits on the device
-    done_step = start
-    window_t, window_steps = time.time(), 0
-
-    def flush():
-        """Read the previous step's metrics; stop on a non-finite loss."""
-        nonlocal pending, window_t, window_steps
-        if pending is None:
-            return
-        step, metrics = pending
-        pending = None
-        m = {k: float(v) for k, v in jax.device_get(strategy.metrics(metrics)).items()}
-        if not math.isfinite(m["loss"]):
-            last = ckpt.steps()
-            raise FloatingPointError(
-                f"loss is {m['loss']} at step {step}; stopping. The last good checkpoint "
-                f"({'step ' + str(last[-1]) if last else 'none'}) in {run_dir} is untouched: lower optim.lr, "
-                "raise optim.warmup_steps or check the data, then rerun to resume")
-        window_steps += 1
-        summary["loss"] = m["loss"]
-        if step % tc.log_every == 0 or step == tc.steps:
-            dt = time.time() - window_t
-            tok_s = window_steps * tokens_per_step / max(dt, 1e-9)
-            record = {"kind": "train", "step": step, **m, "tokens_per_s": tok_s,
-                      "mfu": tok_s / tokens_per_step * flops_per_step / peak}
-            log.write(record)
-            bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-            window_t, window_steps = time.time(), 0
-        bar.update(1)
-
-    try:
-        for step in range(start + 1, tc.steps + 1):
-            batch = sampler.next().reshape(A, tc.batch_size // A // jax.process_count(), T + 1)
-            state, metrics = train_step(state, strategy.put_batch(batch))
-            flush()
-            pending = (step, metrics)
-            stop = any_process(signals.received is not None)  # every process must stop at the same step
-            if step % tc.eval_every == 0 or step == tc.steps or step % tc.save_every == 0 or stop:
-                flush()
-                improved = False
-                if step % tc.eval_every == 0 or step == tc.steps:
-                    record, improved = evaluate(step)
-                    note(f"step {step}: train loss {summary['loss']:.4f}, val loss {record['val_loss']:.4f} "
-                         f"(ppl {record['val_ppl']:.2f})")
-                    if tc.sample_tokens > 0 and can_sample:
-                        note(sample_text(config, strategy.params(state), data.tokenizer, tc.sample_prompt,
-                                         tc.sample_tokens, seed=step, temperature=tc.sample_temperature))
-                ckpt.save(step, strategy.for_checkpoint(state), meta(), best=improved)
-            done_step = step
-            if stop:
-                # a signal to any one process of a multi-host run stops them all at the same step
-                name = signal.Signals(signals.received).name if signals.received else "SIGTERM"
-                ckpt.wait()
-                who = "received" if signals.received else "another process received"
-                note(f"{who} {name}: saved a checkpoint at step {step} in {run_dir}; rerun the same command to resume")
-                summary["interrupted"] = name
-                break
-        flush()
-    finally:
-        bar.close()
-        signals.restore()
-        ckpt.wait()
-        ckpt.close()
-        log.close()
-        if lock is not None:
-            lock.release()
-    if main and (run_dir / "metrics.jsonl").is_file():
-        plot_losses(run_dir)
-    summary.update(step=done_step, seconds=time.time() - t_start, config=config,
-                   params=strategy.params(state),
-                   tokenizer=data.tokenizer)
-    return summary
+        return run(FinetuneTask(config, verbose), verbose)
+    return run(PretrainTask(config, verbose), verbose)
 
 
 def dry_run(config: Config) -> dict:
     """Compile one train step from abstract (sharded) inputs, allocate nothing, and report memory per
     device: parameters and optimizer state from their shardings, temporaries from the executable.
     The vocabulary is the config's (no data is read)."""
+    if config.mode == "finetune":
+        raise ConfigError("--dry-run compiles the pretraining step from the config alone; a mode: finetune run "
+                          "needs its base model and task files, so run it without --dry-run")
     optimizer = make_optimizer(config.optim, config.train.steps)
     abstract = jax.eval_shape(lambda: init_state(config, optimizer))
     if config.parallel.strategy == "pmap":  # replicated parameters: the same layout as a data-only mesh
@@ -372,7 +203,7 @@ def dry_run(config: Config) -> dict:
     target = strategy.restore_target(abstract)
     T, A = config.model.n_positions, config.optim.grad_accum
     batch = jax.ShapeDtypeStruct((A, config.train.batch_size // A, T + 1), jnp.int32,
-                                 sharding=getattr(strategy, "batch_sh", None))
+                                 sharding=batch_sharding(strategy.mesh) if strategy.mesh is not None else None)
     step = strategy.compile_step(make_train_step(config, optimizer, make_schedule(config.optim, config.train.steps)))
     t = time.time()
     compiled = step.lower(target, batch).compile()
@@ -394,8 +225,28 @@ def dry_run(config: Config) -> dict:
     return report
 
 
+def restore_params(run_dir, which: str = "best"):
+    """The parameters of a run's best (or last) checkpoint on one device, whatever strategy saved
+    them: the shapes come from the checkpoint's own metadata, so no optimizer is rebuilt."""
+    ckpt = Checkpointer(run_dir, read_only=True)
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    try:
+        for manager in (ckpt.best, ckpt.last) if which == "best" else (ckpt.last,):
+            if not manager.all_steps():
+                continue
+            tree = ocp.StandardCheckpointHandler().metadata(manager.directory / str(max(manager.all_steps())) / "state")
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), dict(tree))
+            restored = ckpt.restore_latest(abstract, manager)
+            if restored is not None:
+                return restored[0]["params"]
+    finally:
+        ckpt.close()
+    raise ConfigError(f"{run_dir} has no checkpoint that restores")
+
+
 def load_run(run_dir, which: str = "best"):
-    """(Config, params, tokenizer) of a training run directory: the best checkpoint, or the last."""
+    """(Config, params, tokenizer) of a training run directory: the best checkpoint, or the last. For
+    a fine-tuning run, the language model (with its 3 special-token rows) without the head."""
     from gpt_jax.config import load_config
     from gpt_jax.tokenizer import load_tokenizer
 
@@ -405,18 +256,8 @@ def load_run(run_dir, which: str = "best"):
             raise ConfigError(f"{run_dir} is not a training run: {name} is missing")
     config = load_config(run_dir / "config.yaml", saved_run=True)
     tokenizer = load_tokenizer(json.loads((run_dir / "tokenizer.json").read_text()))
-    ckpt = Checkpointer(run_dir, keep=config.train.keep_checkpoints, read_only=True)
-    optimizer = make_optimizer(config.optim, config.train.steps)
-    abstract = Single(config).restore_target(jax.eval_shape(lambda: init_state(config, optimizer)))
-    try:
-        restored = ckpt.restore_latest(abstract, ckpt.best if which == "best" else ckpt.last)
-        if restored is None and which == "best":
-            restored = ckpt.restore_latest(abstract, ckpt.last)
-    finally:
-        ckpt.close()
-    if restored is None:
-        raise ConfigError(f"{run_dir} has no checkpoint that restores")
-    return config, restored[0].params, tokenizer
+    params = restore_params(run_dir, which)
+    return config, params["gpt"] if config.mode == "finetune" else params, tokenizer
 
 
 def sample_text(config: Config, params, tokenizer, prompt: str, n_tokens: int, seed: int = 0,

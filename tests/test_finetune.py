@@ -15,8 +15,8 @@ import pytest
 from conftest import ROOT, data_path
 from gpt_jax.config import FinetuneConfig, GPTConfig, load_config
 from gpt_jax.data import DataError
-from gpt_jax.finetune import (SpecialIds, add_special_tokens, encode_examples, forward, init_head, losses,
-                              read_records)
+from gpt_jax.finetune import add_special_tokens, forward, init_head, losses
+from gpt_jax.records import SpecialIds, encode_examples, make_batch, read_records
 from gpt_jax.model import GPT, init_params, lm_loss
 from gpt_jax.tokenizer import CharTokenizer
 
@@ -86,8 +86,7 @@ def test_heads_and_losses_match_transformers_double_heads(tmp_path):
     records = [(1, {"q": "abc de", "opts": ["f", "ghh a", "b"], "label": 1}),
                (2, {"q": "h", "opts": ["aaaa bbb", "c", "dd"], "label": 0})]
     ex = encode_examples(records, cfg, TOK, ids, 32, "f", None)
-    batch = {"tokens": jnp.asarray(ex.tokens), "lengths": jnp.asarray(ex.lengths), "labels": jnp.asarray(ex.labels),
-             "weight": jnp.ones(2)}
+    batch = make_batch(ex, np.arange(2))
     task_loss, lm, scores = losses(config, "multiple_choice", params, batch)
     input_ids = torch.tensor(ex.tokens, dtype=torch.long)
     lm_labels = input_ids.clone()
@@ -180,10 +179,10 @@ def pretrained(sst2):
 
 def test_finetune_from_a_pretrained_run_beats_chance_and_predicts(sst2, pretrained):
     dev = data_path("sst2", "dev.tsv")
-    proc = run([str(ROOT / "train.py"), "mode=finetune", f"finetune.init_from={pretrained}",
-                f"finetune.train_file={sst2 / 'train.tsv'}", f"finetune.dev_file={dev}", "finetune.labels=[0, 1]",
-                "finetune.lr=2e-3", "finetune.epochs=4", "finetune.dropout=0", "finetune.max_length=48",
-                "train.out_dir=ft"], sst2)
+    args = ["mode=finetune", f"finetune.init_from={pretrained}", f"finetune.train_file={sst2 / 'train.tsv'}",
+            f"finetune.dev_file={dev}", "finetune.labels=[0, 1]", "finetune.lr=2e-3", "finetune.epochs=4",
+            "finetune.dropout=0", "finetune.max_length=48", "train.out_dir=ft"]
+    proc = run([str(ROOT / "train.py"), *args], sst2)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert "1200 training examples, 872 dev" in out
@@ -215,10 +214,10 @@ def test_finetune_from_a_pretrained_run_beats_chance_and_predicts(sst2, pretrain
     assert lines[0] == "prediction\tp_0\tp_1" and len(lines) == 873
     assert all(line.split("\t")[0] in ("0", "1") for line in lines[1:])
 
-    # a second run into the same directory is refused rather than overwriting it
-    proc = run([str(ROOT / "train.py"), "mode=finetune", f"finetune.init_from={pretrained}",
-                f"finetune.train_file={sst2 / 'train.tsv'}", "train.out_dir=ft"], sst2)
-    assert proc.returncode == 4 and "already holds a run" in proc.stderr, proc.stderr[-3000:]
+    # the same command again resumes the finished run: nothing is trained twice
+    proc = run([str(ROOT / "train.py"), *args], sst2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from step 152" in proc.stdout and "epoch 4:" not in proc.stdout
 
 
 def test_zero_shot_evaluate_commands(sst2, pretrained):

@@ -1,4 +1,4 @@
-"""Multi-host training: 2 processes x 2 fake CPU devices on 127.0.0.1 (jax.distributed, gloo
+"""Multi-host training and fine-tuning: 2 processes x 2 fake CPU devices on 127.0.0.1 (jax.distributed, gloo
 collectives) give the single-process losses, save, restore under another strategy, and split the
 data and the logging as a multi-host run must."""
 
@@ -164,3 +164,31 @@ def test_a_multi_process_run_locks_its_directory_once_and_every_process_stops(tm
     assert rc0 == 4 and f"in use by process {owner.pid}" in out0 and "Traceback" not in out0, out0[-2000:]
     assert rc1 == 4 and "process 0 could not lock" in out1 and "Traceback" not in out1, out1[-2000:]
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+
+
+def test_two_processes_fine_tune_as_one(tmp_path, corpus):
+    rng = np.random.default_rng(0)
+    for name, n in (("train.tsv", 44), ("dev.tsv", 20)):
+        texts = ["".join(rng.choice(list("ab "), rng.integers(4, 12))) for _ in range(n)]
+        (tmp_path / name).write_text("sentence\tlabel\n" + "".join(f"{s}\t{int(s.count('a') > s.count('b'))}\n"
+                                                                   for s in texts))
+    args = ["mode=finetune", "model.preset=gpt1-tiny", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
+            "model.n_positions=16", f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+            f"finetune.train_file={tmp_path / 'train.tsv'}", f"finetune.dev_file={tmp_path / 'dev.tsv'}",
+            "finetune.batch_size=8", "finetune.epochs=1", "finetune.lr=3e-3", "finetune.dropout=0",
+            "finetune.clf_pdrop=0", "train.log_every=1"]
+    single = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, f"train.out_dir={tmp_path / 'single'}"],
+                            capture_output=True, text=True, env=env(1), cwd=ROOT, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    results = run_two_processes(args + [f"train.out_dir={tmp_path / 'two'}", "parallel.strategy=mesh",
+                                        "parallel.data=2", "parallel.fsdp=2"])
+    for i, (rc, out) in enumerate(results):
+        assert rc == 0, f"process {i}:\n{out[-4000:]}"
+    assert "reads rows 4..7 of each global batch of 8" in results[1][1]
+    assert "done: step 6 of 6 (1 epochs)" in results[0][1] and "done:" not in results[1][1]
+    one, two = train_records(tmp_path / "single"), train_records(tmp_path / "two")
+    assert [r["step"] for r in two if r["kind"] == "train"] == list(range(1, 7))
+    np.testing.assert_allclose([r["loss"] for r in two if r["kind"] == "train"],
+                               [r["loss"] for r in one if r["kind"] == "train"], rtol=1e-5)
+    assert [r["dev_accuracy"] for r in two if r["kind"] == "eval"] == [r["dev_accuracy"] for r in one
+                                                                       if r["kind"] == "eval"]

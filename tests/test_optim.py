@@ -25,6 +25,15 @@ def test_linear_and_constant(kind, mid):
     np.testing.assert_allclose(float(s(60)), mid, rtol=1e-5)
 
 
+def test_gpt1_fine_tuning_schedule_warms_up_over_a_fraction_then_decays_to_zero():
+    # 0.2% of 1,500 steps = 3 warmup steps, then a straight line to 0 at step 1,500 (GPT-1's code)
+    s = make_schedule(OptimConfig(lr=6.25e-5, min_lr=0.0, schedule="linear", warmup_fraction=0.002), 1500)
+    for step, want in [(0, 0.0), (1, 6.25e-5 / 3), (3, 6.25e-5), (750, 6.25e-5 * 750 / 1497), (1500, 0.0)]:
+        np.testing.assert_allclose(float(s(step)), want, rtol=1e-5, atol=1e-12, err_msg=str(step))
+    tiny = make_schedule(OptimConfig(lr=1.0, min_lr=0.0, schedule="linear", warmup_fraction=0.002), 20)
+    assert float(tiny(1)) == 1.0  # at least one warmup step
+
+
 def test_decay_mask_matrices_only():
     params = init_params(GPTConfig.preset("gpt2-tiny"), jax.random.key(0))
     mask = decay_mask(params)

@@ -72,7 +72,7 @@ def test_command_that_does_not_match_the_run_stops_and_writes_nothing(finished_r
     assert after == before and not (run_dir / "corrupt").exists()
 
 
-def test_fine_tuning_into_a_run_directory_that_holds_a_run_is_refused(finished_run):
+def test_fine_tuning_into_a_pretraining_run_directory_is_refused(finished_run):
     run_dir = finished_run / "run"
     (finished_run / "train.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
     before = snapshot(run_dir)
@@ -80,7 +80,8 @@ def test_fine_tuning_into_a_run_directory_that_holds_a_run_is_refused(finished_r
                            f"finetune.train_file={finished_run / 'train.tsv'}", f"train.out_dir={run_dir}"],
                           cwd=finished_run, capture_output=True, text=True, timeout=300)
     line = one_error_line(proc.stderr)
-    assert proc.returncode == 4 and "already holds a run" in line and "another train.out_dir" in line, line
+    assert proc.returncode == 4 and "does not match this command: mode (saved pretrain, now finetune)" in line \
+        and "another train.out_dir" in line, line
     assert snapshot(run_dir) == before
 
 

@@ -1,6 +1,8 @@
 """End-to-end runs of train.py in real subprocesses, with real signals."""
 
 import json
+import math
+import re
 import signal
 import subprocess
 import sys
@@ -141,14 +143,24 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, corpus, refe
     assert losses(tmp_path / "run") == ref
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, corpus):
-    code, out, err = run_train(tmp_path, corpus, "run", "train.steps=30", "train.save_every=2", "optim.lr=1e12",
-                               "optim.grad_clip=0", "optim.warmup_steps=3", "train.eval_every=1000")
+def test_non_finite_stops_before_saving_and_names_a_checkpoint_that_resumes(tmp_path, corpus):
+    args = ("train.save_every=1", "train.eval_every=1000", "optim.warmup_steps=3", "optim.decay_steps=30",
+            "optim.grad_clip=0")
+    code, out, err = run_train(tmp_path, corpus, "run", "train.steps=30", "optim.lr=1e12", *args)
     assert code == 3, (out[-1000:], err[-2000:])
-    assert "loss is nan" in err.lower() or "loss is inf" in err.lower()
-    assert "is untouched" in err
+    assert re.search(r"(loss is (nan|inf)|the updated parameters are not finite) at step \d+; stopping", err), err
+    named = re.search(r"last good checkpoint is step (\d+)", err)
+    assert named, err
     saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
-    assert saved and saved[-1] < 30
+    assert saved[-1] == int(named[1])  # the newest checkpoint is the one named: the rerun resumes there
+    losses_before = losses(tmp_path / "run")
+    assert all(math.isfinite(losses_before[s]) for s in range(1, saved[-1] + 2))  # its parameters give a finite loss
+    # following the advice: a lower lr resumes from the named checkpoint and trains on
+    code, out, err = run_train(tmp_path, corpus, "run", "train.steps=8", "optim.lr=1e-3", *args)
+    assert code == 0, err[-2000:]
+    assert f"resuming from step {saved[-1]}" in out
+    resumed = losses(tmp_path / "run")
+    assert all(math.isfinite(resumed[s]) for s in range(saved[-1] + 1, 9))
 
 
 @pytest.mark.parametrize("extra, words", [

@@ -1,0 +1,321 @@
+"""The training loop (gpt_jax/loop.py), in process on tiny models: prefetching and several steps per
+dispatch change nothing, metrics are read a step behind, the multi-host stop check runs only every
+log interval, evaluation reads the device once; fine-tuning through the same loop resumes (its data
+order too) after SIGKILL or SIGTERM, runs on every strategy, and its runs stay readable."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from gpt_jax import loop
+from gpt_jax.config import load_config
+
+LM = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.n_positions=16",
+      "train.batch_size=8", "train.eval_batches=2", "train.log_every=1", "train.sample_tokens=0", "optim.lr=3e-3",
+      "optim.warmup_steps=2"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("loop")
+    rng = np.random.default_rng(0)
+    (tmp / "corpus.txt").write_text("".join(rng.choice(list("abcd \n"), 20_000)))
+
+    def rows(n):
+        lines = ["sentence\tlabel"]
+        for _ in range(n):
+            s = "".join(rng.choice(list("ab "), rng.integers(4, 12)))
+            lines.append(f"{s}\t{int(s.count('a') > s.count('b'))}")
+        return "\n".join(lines) + "\n"
+
+    (tmp / "train.tsv").write_text(rows(44))  # 6 batches of 8, the last one padded
+    (tmp / "dev.tsv").write_text(rows(20))
+    (tmp / "train_long.tsv").write_text(rows(236))  # 30 batches of 8
+    return tmp
+
+
+def lm_config(corpus, out, *extra):
+    return load_config(None, LM + [f"data.source={corpus / 'corpus.txt'}", f"data.cache_dir={corpus / 'cache'}",
+                                   f"train.out_dir={out}", *extra])
+
+
+def ft_args(corpus, out, *extra):
+    return ["mode=finetune", "model.preset=gpt1-tiny", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
+            "model.n_positions=16", f"data.source={corpus / 'corpus.txt'}", f"data.cache_dir={corpus / 'cache'}",
+            f"finetune.train_file={corpus / 'train.tsv'}", f"finetune.dev_file={corpus / 'dev.tsv'}",
+            "finetune.batch_size=8", "finetune.epochs=2", "finetune.lr=1e-3", "train.log_every=1",
+            f"train.out_dir={out}", *extra]
+
+
+def ft_config(corpus, out, *extra):
+    return load_config(None, ft_args(corpus, out, *extra))
+
+
+def records(run_dir, kind="train"):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def run_task(config, loop_cls=loop.Loop, **attrs):
+    from gpt_jax.finetune import FinetuneTask
+    from gpt_jax.trainer import PretrainTask
+
+    task = (FinetuneTask if config.mode == "finetune" else PretrainTask)(config, verbose=False)
+    lp = loop_cls(task, verbose=False)
+    for k, v in attrs.items():
+        setattr(lp, k, v)
+    return lp.run()
+
+
+def test_prefetch_and_steps_per_call_give_the_same_run_and_one_read_per_evaluation(corpus, tmp_path, monkeypatch):
+    from gpt_jax.data import eval_batches, prepare
+    from gpt_jax.trainer import make_eval_step
+
+    reads, real_evaluate, real_get = [], loop.Loop._evaluate, jax.device_get
+
+    def evaluate_counting_reads(self, step):  # every device read during an evaluation
+        reads.append(0)
+        monkeypatch.setattr(jax, "device_get", lambda x: (reads.__setitem__(-1, reads[-1] + 1), real_get(x))[1])
+        try:
+            return real_evaluate(self, step)
+        finally:
+            monkeypatch.setattr(jax, "device_get", real_get)
+
+    monkeypatch.setattr(loop.Loop, "_evaluate", evaluate_counting_reads)
+    args = ("train.steps=9", "train.eval_every=5", "train.save_every=5", "train.eval_batches=3")
+    ref = run_task(lm_config(corpus, tmp_path / "ref", "data.prefetch=0", *args))
+    # batches from a background thread, and up to 3 steps per dispatch: steps 1-3, 4-5, 6-8, 9
+    got = run_task(lm_config(corpus, tmp_path / "got", "data.prefetch=2", "train.steps_per_call=3", *args))
+    np.testing.assert_allclose([r["loss"] for r in records(tmp_path / "got")],
+                               [r["loss"] for r in records(tmp_path / "ref")], rtol=1e-6)
+    assert [r["step"] for r in records(tmp_path / "got")] == list(range(1, 10))
+    assert [r["step"] for r in records(tmp_path / "got", "eval")] == [5, 9]
+    for a, b in zip(jax.tree.leaves(got["params"]), jax.tree.leaves(ref["params"]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+    assert sorted(int(p.name) for p in (tmp_path / "got" / "checkpoints").iterdir() if p.name.isdigit()) == [5, 9]
+    assert reads == [1] * 4  # each evaluation is one device call, read once
+    config = ref["config"]
+    step = jax.jit(make_eval_step(config))
+    val = eval_batches(prepare(config.data, verbose=False).tokens("val"), 16, 8, 3)
+    direct = np.mean([float(step(ref["params"], b)) for b in val])
+    np.testing.assert_allclose(records(tmp_path / "ref", "eval")[-1]["val_loss"], direct, rtol=1e-5)
+
+
+def test_prefetcher_keeps_order_passes_errors_and_stops_its_thread():
+    def items():
+        yield from range(5)
+        raise ValueError("bad batch")
+
+    for depth in (0, 2):
+        got, prefetch = [], loop.Prefetcher(items(), depth)
+        with pytest.raises(ValueError, match="bad batch"):
+            for x in prefetch:
+                got.append(x)
+        prefetch.close()
+        assert got == list(range(5))
+    endless = loop.Prefetcher(iter(int, 1), 2)  # an endless source, abandoned after one item
+    assert next(endless) == 0
+    endless.close()
+    assert not endless.thread.is_alive()
+
+
+def test_multi_host_stop_check_runs_every_log_interval(corpus, tmp_path, monkeypatch):
+    calls, stop_at = [], [3]  # as if another process had received SIGTERM by the third check
+    monkeypatch.setattr(loop, "any_process", lambda flag: calls.append(flag) or len(calls) in stop_at)
+    config = lm_config(corpus, tmp_path / "run", "train.steps=20", "train.log_every=3", "train.eval_every=100",
+                       "train.save_every=100")
+    result = run_task(config, processes=2)
+    assert len(calls) == 3 and not any(calls)
+    assert result["interrupted"] == "SIGTERM" and result["step"] == 9  # checks at steps 3, 6 and 9 only
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["9"]
+    calls.clear(), stop_at.clear()
+    run_task(config, processes=2)  # resumed: checks at 12, 15, 18 and the last step, 20
+    assert len(calls) == 4
+
+
+class Recording(loop.Loop):
+    """Records, for every step's metrics, how many steps had been dispatched when they were read."""
+
+    def _flush(self):
+        if self.pending is not None:
+            self.reads.append((self.pending[0], int(jax.device_get(self.state.step))))
+        super()._flush()
+
+
+@pytest.fixture(scope="module")
+def ft_run(corpus, tmp_path_factory):
+    """A fine-tuning run through the loop, with when its metrics were read."""
+    run_dir, reads = tmp_path_factory.mktemp("ft") / "run", []
+    run_task(ft_config(corpus, run_dir, "train.save_every=100"), Recording, reads=reads)
+    return run_dir, reads
+
+
+def test_finetuning_reads_metrics_a_step_behind_and_evaluates_each_epoch(ft_run):
+    run_dir, reads = ft_run
+    steps = 12  # 2 epochs of 6 batches
+    evals = records(run_dir, "eval")
+    assert [(r["step"], r["epoch"]) for r in evals] == [(6, 1), (12, 2)]
+    assert all(0 <= r["dev_accuracy"] <= 1 and r["dev_loss"] > 0 for r in evals)
+    assert [r["step"] for r in records(run_dir)] == list(range(1, steps + 1))
+    behind = {step for step, dispatched in reads if dispatched > step}
+    assert behind == set(range(1, steps + 1)) - {6, 12}  # only evaluation steps wait for their own metrics
+
+
+def test_predict_and_evaluate_read_new_and_earlier_fine_tuning_runs(ft_run, corpus, tmp_path, capsys):
+    import shutil
+
+    from gpt_jax import evaluate
+    from gpt_jax.checkpoint import Checkpointer
+    from gpt_jax.predict import predict_file
+    from gpt_jax.trainer import restore_params, train
+
+    run_dir = ft_run[0]
+    new = predict_file(run_dir, corpus / "dev.tsv", tmp_path / "new.tsv")
+    best = max(records(run_dir, "eval"), key=lambda r: r["dev_accuracy"])
+    assert new["n"] == 20 and new["accuracy"] == pytest.approx(best["dev_accuracy"])
+    # an earlier gpt_jax saved only {"params": ...} and a finetune.json without "format"
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old, ignore=shutil.ignore_patterns("checkpoints", "best"))
+    info = json.loads((old / "finetune.json").read_text())
+    del info["format"]
+    (old / "finetune.json").write_text(json.dumps(info))
+    ckpt = Checkpointer(old, keep=1)
+    ckpt.save(best["step"], {"params": restore_params(run_dir)}, {**info, **best}, best=True)
+    ckpt.wait()
+    ckpt.close()
+    assert predict_file(old, corpus / "dev.tsv", tmp_path / "old.tsv")["accuracy"] == new["accuracy"]
+    assert (tmp_path / "old.tsv").read_text() == (tmp_path / "new.tsv").read_text()
+    (tmp_path / "text.txt").write_text("ab ba aab\nbba " * 8)
+    scores = []
+    for run in (run_dir, old):
+        capsys.readouterr()
+        assert evaluate.main(["--checkpoint", str(run), "perplexity", "--input", str(tmp_path / "text.txt")]) == 0
+        scores.append(capsys.readouterr().out)
+    assert scores[0].startswith("perplexity ") and scores[0] == scores[1]
+    with pytest.raises(Exception, match="earlier gpt_jax .* cannot be resumed; set train.out_dir"):
+        train(ft_config(corpus, old), verbose=False)
+
+
+def test_finetuning_data_order_resumes_mid_epoch(corpus, tmp_path):
+    from gpt_jax.finetune import FinetuneTask
+
+    task = FinetuneTask(ft_config(corpus, tmp_path / "run"), verbose=False)
+    straight = task.batches({"epoch": 0, "cursor": 0})
+    seen = [next(straight) for _ in range(9)]
+    assert seen[5][1] == {"epoch": 0, "cursor": 48} and seen[6][1] == {"epoch": 1, "cursor": 8}
+    resumed = task.batches(seen[3][1])  # from the state saved after the 4th batch
+    for batch, state in seen[4:]:
+        again, again_state = next(resumed)
+        assert again_state == state
+        jax.tree.map(np.testing.assert_array_equal, again, batch)
+    first_epoch = np.concatenate([b["labels"][0][b["weight"][0] > 0] for b, _ in seen[:6]])
+    assert len(first_epoch) == 44  # every example once per epoch
+
+
+# ---------------------------------------------------------------------------------------------------
+# Fine-tuning runs of train.py: SIGKILL, SIGTERM, resume; the parallel strategies on 8 fake devices
+
+
+def start(corpus, run_dir, *extra):
+    args = ft_args(corpus, run_dir, f"finetune.train_file={corpus / 'train_long.tsv'}", "finetune.epochs=3",
+                   "train.save_every=4", *extra)  # 90 steps, dropout on: resume must replay its keys too
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], cwd=corpus, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(proc, ready, what):
+    deadline = time.time() + 240
+    while not ready():
+        assert proc.poll() is None and time.time() < deadline, f"no {what}: {proc.communicate()[1][-2000:]}"
+        time.sleep(0.02)
+
+
+def last_params(run_dir):
+    from gpt_jax.trainer import restore_params
+
+    return jax.tree.leaves(restore_params(run_dir, "last"))
+
+
+def test_finetuning_survives_sigkill_and_sigterm_bitwise(corpus, tmp_path):
+    ref = start(corpus, tmp_path / "ref")
+    out, err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, err[-2000:]
+    assert "done: step 90 of 90 (3 epochs)" in out and "attention: einsum reference" in out
+
+    run_dir = tmp_path / "run"
+    proc = start(corpus, run_dir)
+    ckpts = run_dir / "checkpoints"
+    wait_for(proc, lambda: ckpts.is_dir() and any(p.name.isdigit() for p in ckpts.iterdir()), "checkpoint")
+    time.sleep(np.random.default_rng().uniform(0.0, 0.4))  # somewhere after the first checkpoint
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+
+    proc = start(corpus, run_dir)  # resumes, and is stopped again by SIGTERM
+    n_records = len((run_dir / "metrics.jsonl").read_text().splitlines())
+    wait_for(proc, lambda: len((run_dir / "metrics.jsonl").read_text().splitlines()) > n_records, "new step")
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM.value, err[-2000:]
+    assert "resuming from step" in out and "received SIGTERM: saved a checkpoint at step" in out
+    stopped = int(out.split("saved a checkpoint at step ")[1].split()[0])
+    assert stopped < 90
+
+    proc = start(corpus, run_dir)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+    assert f"resuming from step {stopped}" in out
+    for a, b in zip(last_params(run_dir), last_params(tmp_path / "ref"), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    final = {r["step"]: r["loss"] for r in records(run_dir)}
+    assert final == {r["step"]: r["loss"] for r in records(tmp_path / "ref")}
+    assert [r["dev_accuracy"] for r in records(run_dir, "eval")][-1] == records(tmp_path / "ref", "eval")[-1]["dev_accuracy"]
+
+
+STRATEGIES = textwrap.dedent("""
+    import json, sys
+    import jax
+    from gpt_jax.config import load_config
+    from gpt_jax.trainer import train
+
+    args, out = json.loads(sys.argv[1]), sys.argv[2]
+    runs = {"single": ["parallel.strategy=single"], "pmap8": ["parallel.strategy=pmap"],
+            "mesh_fsdp4_tp2": ["parallel.strategy=mesh", "parallel.data=1", "parallel.fsdp=4", "parallel.tensor=2"]}
+    assert jax.device_count() == 8
+    result = {}
+    for name, extra in runs.items():
+        train(load_config(None, args + extra + [f"train.out_dir={out}/{name}"]), verbose=False)
+        lines = [json.loads(l) for l in open(f"{out}/{name}/metrics.jsonl")]
+        result[name] = {"loss": [r["loss"] for r in lines if r["kind"] == "train"],
+                        "dev_accuracy": [r["dev_accuracy"] for r in lines if r["kind"] == "eval"]}
+    print("RESULT " + json.dumps(result))
+""")
+
+
+def test_finetuning_strategies_on_8_devices_match_single_device(corpus, tmp_path):
+    args = ft_args(corpus, "unused", "finetune.dropout=0", "finetune.clf_pdrop=0", "finetune.lr=3e-3")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", STRATEGIES, json.dumps(args), str(tmp_path)], capture_output=True,
+                          text=True, env=env, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    ref = result.pop("single")
+    assert len(ref["loss"]) == 12 and len(ref["dev_accuracy"]) == 2
+    for name, got in result.items():
+        np.testing.assert_allclose(got["loss"], ref["loss"], rtol=1e-5, err_msg=name)
+        assert got["dev_accuracy"] == ref["dev_accuracy"], name
+
+
+def test_dry_run_of_a_fine_tuning_config_is_a_clear_error():
+    from gpt_jax.config import ConfigError
+    from gpt_jax.trainer import dry_run
+
+    with pytest.raises(ConfigError, match="mode: finetune run needs its base model and task files"):
+        dry_run(load_config(None, ["mode=finetune"]))
