@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from gpt_jax.config import Config, ConfigError, FinetuneConfig, GPTConfig, save_config
 from gpt_jax.data import DataError
+from gpt_jax.hub import local_path
 from gpt_jax.model import GPT, init_params
 from gpt_jax.optim import decay_mask
 
@@ -317,10 +318,10 @@ def load_base(cfg: FinetuneConfig, config: Config, rng):
         data = prepare(config.data)
         model = _resolve_vocab(config, data.tokenizer).model
         return model, init_params(model, rng), data.tokenizer
-    path = Path(cfg.init_from)
+    path = local_path(cfg.init_from)
     if not path.is_dir():
-        raise ConfigError(f"finetune.init_from={cfg.init_from} is not a directory; give a training run "
-                          "directory or a Hugging Face GPT-2 / OpenAI-GPT directory")
+        raise ConfigError(f"finetune.init_from={cfg.init_from} is not a directory; give a training run directory, "
+                          "a Hugging Face GPT-2 / OpenAI-GPT directory, or a model name (gpt2, openai-gpt, ...)")
     if (path / "finetune.json").is_file():
         raise ConfigError(f"{path} is a fine-tuning run; init_from takes a pretrained model")
     from gpt_jax.sample import load_for_sampling

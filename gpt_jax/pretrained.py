@@ -20,6 +20,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from gpt_jax.config import ConfigError, GPTConfig
+from gpt_jax.hub import local_path
 
 # HF activation names <-> ours, per model type. For gpt2, gelu_new / gelu_pytorch_tanh are the tanh
 # approximation and "gelu" is the exact erf form. OpenAI-GPT's `afn` table (modeling_openai.ACT_FNS)
@@ -150,8 +151,9 @@ def _read_weights(path: Path) -> dict[str, np.ndarray]:
 
 
 def load_pretrained(path) -> tuple[GPTConfig, dict]:
-    """Read a Hugging Face GPT-2 or OpenAI-GPT directory into (GPTConfig, params)."""
-    path = Path(path)
+    """Read a Hugging Face GPT-2 or OpenAI-GPT directory, or a model name (`gpt2`, `gpt2-medium`,
+    `gpt2-large`, `gpt2-xl`, `openai-gpt`) from the Hugging Face cache, into (GPTConfig, params)."""
+    path = local_path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path} is not a checkpoint directory: {path / 'config.json'} is missing")
     hf = json.loads((path / "config.json").read_text())
