@@ -267,7 +267,9 @@ def generate(config: GPTConfig, params, prompts, max_new_tokens: int, *, tempera
     if given, is called on the host with step i's token for every batch row while decoding runs
     (rows that have stopped get 0). The first call with new params keeps a decode copy of their
     block weights while they are alive (`decode_layers`; `clear_decode_cache()` frees it).
+    `params` may be plain arrays or the logically partitioned boxes that `GPT(config).init` returns.
     """
+    params = nn.unbox(params)
     if lengths is not None:
         arr = np.asarray(prompts)
         prompts = [list(row[arr.shape[1] - int(n):]) for row, n in zip(arr, lengths)]

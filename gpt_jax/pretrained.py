@@ -17,6 +17,7 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from flax.core import meta
 from safetensors.numpy import load_file, save_file
 
 from gpt_jax.config import ConfigError, GPTConfig
@@ -200,7 +201,9 @@ def _check_shapes(config: GPTConfig, params: dict, where: str):
 
 
 def save_pretrained(config: GPTConfig, params: dict, path) -> None:
-    """Write config.json + model.safetensors that transformers' GPT2/OpenAIGPT LMHeadModel loads."""
+    """Write config.json + model.safetensors that transformers' GPT2/OpenAIGPT LMHeadModel loads
+    (`params` as plain arrays or as the boxes that `GPT(config).init` returns)."""
+    params = meta.unbox(params)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf = config_to_hf(config)

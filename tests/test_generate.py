@@ -299,14 +299,3 @@ def test_sample_cli_defaults_run_past_a_small_context(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[200 tokens in" in proc.stderr and len(proc.stdout) >= 200
-
-
-def test_notebook_runs():
-    nbformat = pytest.importorskip("nbformat", reason="nbformat runs the example notebook (pip install -e '.[test]')")
-    nbclient = pytest.importorskip("nbclient", reason="nbclient runs the example notebook")
-    path = ROOT / "examples" / "generate.ipynb"
-    nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}}).execute()
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "second call" in text and "Error" not in text
