@@ -181,6 +181,9 @@ def test_top_k_then_top_p_within_it_equals_the_full_sort_definition():
             np.testing.assert_array_equal(kept, expected > 0, err_msg=f"top_k={top_k}, top_p={top_p}")
             probs = np.exp(filtered[kept] - filtered[kept].max())
             np.testing.assert_allclose(probs / probs.sum(), expected[kept], rtol=1e-4, atol=1e-7)
+    # with top-k on, the vocabulary is never sorted: lax.top_k finds the candidates, top-p sorts nothing more
+    traced = str(jax.make_jaxpr(lambda x: filter_logits(x, 1.0, 40, 0.9, top_k_bucket(40, V)))(logits.astype(np.float32)))
+    assert "top_k[" in traced and "sort[" not in traced, traced
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 6, None), (1.3, None, 0.8),
