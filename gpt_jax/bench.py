@@ -23,6 +23,7 @@ import numpy as np
 from gpt_jax.config import Config, ConfigError, load_config
 from gpt_jax.flops import device_peak_flops, flops_per_token, flops_per_token_llmc
 from gpt_jax.generate import generate
+from gpt_jax import attention
 from gpt_jax.model import param_count
 from gpt_jax.optim import make_optimizer, make_schedule
 from gpt_jax.parallel import check_batch
@@ -128,7 +129,9 @@ def main(argv=None) -> int:
     print(f"device: {device.platform} ({device.device_kind}) x {jax.device_count()}, {platform.machine()}; "
           f"model {mc.n_layer} layers x {mc.n_embd}, {mc.n_head} heads, vocab {mc.vocab_size}, "
           f"{param_count(mc) / 1e6:.1f}M params, {mc.dtype}; batch {config.train.batch_size} x {mc.n_positions}")
-    result = {"device": device.device_kind, "platform": device.platform, "config": config.to_dict()}
+    print(attention.describe(mc))
+    result = {"device": device.device_kind, "platform": device.platform, "config": config.to_dict(),
+              "attention": attention.resolve(mc, mc.attn_pdrop > 0)}
     if args.scan_table:
         result["scan_table"] = scan_table(config, args.scan_table)
     else:

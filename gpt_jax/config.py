@@ -46,7 +46,14 @@ class GPTConfig:
     remat: Literal["none", "full", "dots"] = "none"
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # compute dtype
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    attention: Literal["auto", "xla", "cudnn", "reference"] = "auto"  # auto: einsum on CPU, else JAX's pick
+    # Attention kernel (gpt_jax/attention.py). auto: einsum on CPU, cuDNN flash on GPU (Pallas Triton
+    # for float32), Pallas splash on TPU; or force xla / cudnn / pallas / reference.
+    attention: Literal["auto", "xla", "cudnn", "pallas", "reference"] = "auto"
+    attention_platform: Optional[Literal["cpu", "gpu", "tpu"]] = None  # the target; None: the backend that runs
+    # Embedding rows padded to a multiple of this (padded logits are masked to -inf), so the vocabulary
+    # shards over `tensor` and the output matmul has whole tiles. 1 keeps the exact published shapes;
+    # run configs default to 128 (see config_from_dict).
+    pad_vocab_multiple: int = 1
 
     def __post_init__(self):
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
@@ -60,6 +67,20 @@ class GPTConfig:
         for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.pad_vocab_multiple < 1:
+            raise ConfigError(f"model.pad_vocab_multiple must be >= 1 (1: no padding), got {self.pad_vocab_multiple}")
+        if self.attention == "cudnn" and self.dtype == "float32":
+            raise ConfigError("model.attention=cudnn needs model.dtype bfloat16 or float16 (cuDNN's flash kernel "
+                              "takes no float32); set model.dtype=bfloat16, or attention auto / pallas / xla")
+        if self.attention == "pallas" and self.attention_platform == "cpu":
+            raise ConfigError("model.attention=pallas has no CPU kernel; use attention auto or reference on CPU, "
+                              "or set model.attention_platform to gpu / tpu")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the token embedding (and logits): vocab_size rounded up to pad_vocab_multiple."""
+        m = self.pad_vocab_multiple
+        return -(-self.vocab_size // m) * m
 
     @property
     def head_dim(self) -> int:
@@ -200,6 +221,12 @@ class Config:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     mode: Literal["pretrain", "finetune"] = "pretrain"
 
+    def __post_init__(self):
+        if self.model.param_dtype != "float32":
+            raise ConfigError(f"model.param_dtype={self.model.param_dtype} would keep parameters and AdamW's moments in "
+                              f"{self.model.param_dtype} with no float32 master copy; training keeps them in float32: set "
+                              "model.param_dtype=float32 and model.dtype=bfloat16 for bf16 compute")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -289,8 +316,18 @@ def _section(cls, value, prefix: str):
     return _build(cls, value, prefix)
 
 
+RUN_PAD_VOCAB_MULTIPLE = 128  # a run config's model.pad_vocab_multiple unless it sets one
+
+
 def config_from_dict(values: dict) -> Config:
-    return _build(Config, values or {}, "")
+    """A run config from nested dicts; the model's vocabulary is padded to a multiple of 128 unless
+    `model.pad_vocab_multiple` says otherwise (GPTConfig itself and its presets keep exact shapes)."""
+    values = dict(values or {})
+    model = values.get("model")
+    model = {"preset": model} if isinstance(model, str) else dict(model or {})
+    model.setdefault("pad_vocab_multiple", RUN_PAD_VOCAB_MULTIPLE)
+    values["model"] = model
+    return _build(Config, values, "")
 
 
 def apply_overrides(values: dict, overrides: list[str]) -> dict:
@@ -312,8 +349,9 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     return values
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config (or start from defaults), apply dotted overrides, validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, saved_run: bool = False) -> Config:
+    """Read a YAML config (or start from defaults), apply dotted overrides, validate. `saved_run`: the
+    config.yaml of a run directory, where a model without `pad_vocab_multiple` predates padding (1)."""
     values: dict = {}
     if path is not None:
         path = Path(path)
@@ -325,6 +363,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
         if not isinstance(values, dict):
             raise ConfigError(f"config file {path} must be a mapping of sections, got {type(values).__name__}")
+        if saved_run and isinstance(values.get("model"), dict):
+            values["model"].setdefault("pad_vocab_multiple", 1)
     return config_from_dict(apply_overrides(values, list(overrides or [])))
 
 

@@ -4,12 +4,14 @@
     python -m gpt_jax.evaluate --checkpoint PATH choice --input dev.tsv --labels 0 1 \\
         --candidates " terrible" " great" [--template "{text} it was"] [--text-field sentence --label-field label]
     python -m gpt_jax.evaluate --checkpoint PATH choice --input mc.jsonl --text-field context --choices-field endings
+    python -m gpt_jax.evaluate --checkpoint PATH benchmark wikitext2|ptb|lambada [--data-dir DIR] [--stride 512]
 
 `perplexity` slides a window of the model's context over the text with the given stride, as in the
 GPT-2 paper: every token is scored once, with up to `context - stride` tokens of earlier text.
 `choice` scores each candidate continuation by the model's log-likelihood of its tokens after the
 prompt and predicts the most likely: for classification the candidates stand for the labels in
-order; for multiple choice they are each example's choices.
+order; for multiple choice they are each example's choices. `benchmark` runs the GPT-2 paper's
+zero-shot protocol on a published test set (see `gpt_jax.zeroshot`).
 """
 
 from __future__ import annotations
@@ -28,13 +30,16 @@ from gpt_jax.model import GPT
 from gpt_jax.tokenizer import TokenizerError
 
 
-def _scorer(config: GPTConfig):
+def _scorer(config: GPTConfig, with_argmax: bool = False):
     @jax.jit
     def token_logprobs(params, tokens_BT):
-        """log p(token t + 1 | tokens <= t): [B, T - 1]."""
+        """log p(token t + 1 | tokens <= t): [B, T - 1]; with_argmax: also whether it is the argmax."""
         logits = GPT(config).apply({"params": params}, tokens_BT[:, :-1])
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        return jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+        target_logp = jnp.take_along_axis(logp, tokens_BT[:, 1:, None], axis=-1)[..., 0]
+        if with_argmax:
+            return target_logp, jnp.argmax(logits, axis=-1) == tokens_BT[:, 1:]
+        return target_logp
 
     return token_logprobs
 
@@ -156,10 +161,24 @@ def main(argv=None) -> int:
     ch.add_argument("--candidates", nargs="+", help="one continuation per label")
     ch.add_argument("--choices-field", help="multiple choice: the field with each example's list of choices")
     ch.add_argument("--template", default="{text}", help="the prompt, with {text} for the example's text")
+    bench = sub.add_parser("benchmark", help="WikiText-2 / PTB perplexity or LAMBADA accuracy, GPT-2 paper protocol")
+    bench.add_argument("name", choices=["wikitext2", "ptb", "lambada"])
+    bench.add_argument("--split", default="test")
+    bench.add_argument("--data-dir", help="the folder holding wikitext-2/, ptb/, lambada/ (default $GPT_JAX_DATA "
+                       "or ../shared/data)")
+    bench.add_argument("--stride", type=int, help="WikiText / PTB: tokens the window moves (default: the context)")
     args = parser.parse_args(argv)
     try:
         from gpt_jax.sample import load_for_sampling
 
+        if args.what == "benchmark":
+            from gpt_jax import zeroshot
+
+            zeroshot.data_file(args.name, args.split, args.data_dir)  # a missing file before the model loads
+            config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer)
+            print(zeroshot.describe(zeroshot.run(args.name, config, params, tok, args.split, args.data_dir,
+                                                 args.stride)))
+            return 0
         config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer)
         if args.what == "perplexity":
             from pathlib import Path

@@ -62,10 +62,12 @@ def add_special_tokens(config: GPTConfig, gpt_params, rng, std: float | None = N
     Returns (config, params, SpecialIds)."""
     ids = SpecialIds.after(config.vocab_size)
     std = config.initializer_range if std is None else std
-    wte = gpt_params["wte"]["embedding"]
+    wte = gpt_params["wte"]["embedding"][: config.vocab_size]  # without the padded rows, if any
     rows = std * jax.random.normal(rng, (len(SPECIAL_TOKENS), wte.shape[1]), wte.dtype)
-    params = {**gpt_params, "wte": {**gpt_params["wte"], "embedding": jnp.concatenate([wte, rows])}}
-    return dataclasses.replace(config, vocab_size=config.vocab_size + len(SPECIAL_TOKENS)), params, ids
+    new_config = dataclasses.replace(config, vocab_size=config.vocab_size + len(SPECIAL_TOKENS))
+    pad = jnp.zeros((new_config.padded_vocab_size - new_config.vocab_size, wte.shape[1]), wte.dtype)
+    params = {**gpt_params, "wte": {**gpt_params["wte"], "embedding": jnp.concatenate([wte, rows, pad])}}
+    return new_config, params, ids
 
 
 # ---------------------------------------------------------------------------------------------------

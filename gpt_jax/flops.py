@@ -16,11 +16,21 @@ import jax.numpy as jnp
 from gpt_jax.config import GPTConfig
 from gpt_jax.model import param_count
 
-# Dense peak FLOP/s per chip, from vendor data sheets: (bf16, fp32). GPU fp32 is the non-tensor-core peak.
+# Dense peak FLOP/s per chip from vendor data sheets, keyed by the exact `jax.Device.device_kind`
+# string: (bf16, fp32). GPU fp32 is the plain (non-tensor-core) rate; the TPU vendors publish no fp32
+# matmul peak, so it is None there and MFU is measured against a timed fp32 matmul instead.
 PEAK_FLOPS = {
-    "TPU v4": (275e12, 275e12 / 2), "TPU v5 lite": (197e12, 197e12 / 2), "TPU v5e": (197e12, 197e12 / 2),
-    "TPU v5p": (459e12, 459e12 / 2), "TPU v6 lite": (918e12, 918e12 / 2), "TPU v6e": (918e12, 918e12 / 2),
-    "A100": (312e12, 19.5e12), "H100": (989e12, 67e12), "H200": (989e12, 67e12),
+    "NVIDIA H100 80GB HBM3": (989e12, 67e12),   # H100 SXM
+    "NVIDIA H100 PCIe": (756e12, 51e12),
+    "NVIDIA H100 NVL": (835e12, 60e12),
+    "NVIDIA H200": (989e12, 67e12),             # H200 SXM
+    "NVIDIA GH200 480GB": (989e12, 67e12),
+    "NVIDIA A100-SXM4-40GB": (312e12, 19.5e12), "NVIDIA A100-SXM4-80GB": (312e12, 19.5e12),
+    "NVIDIA A100-PCIE-40GB": (312e12, 19.5e12), "NVIDIA A100 80GB PCIe": (312e12, 19.5e12),
+    "TPU v4": (275e12, None),
+    "TPU v5 lite": (197e12, None),  # v5e
+    "TPU v5": (459e12, None),       # v5p, as JAX names it
+    "TPU v6 lite": (918e12, None),  # v6e (Trillium)
 }
 
 
@@ -39,12 +49,11 @@ def flops_per_token_llmc(config: GPTConfig, seq_len: int | None = None) -> float
 
 
 def lookup_peak(device_kind: str, dtype: str) -> float | None:
-    """Peak FLOP/s for a device kind string (jax.Device.device_kind), or None if not in the table."""
-    column = 0 if dtype in ("bfloat16", "float16") else 1
-    for name in sorted(PEAK_FLOPS, key=len, reverse=True):  # "TPU v5 lite" before "TPU v5"
-        if name.lower() in device_kind.lower():
-            return PEAK_FLOPS[name][column]
-    return None
+    """Peak FLOP/s for an exact device kind string (jax.Device.device_kind), or None if unknown."""
+    peaks = PEAK_FLOPS.get(device_kind.strip())
+    if peaks is None:
+        return None
+    return peaks[0] if dtype in ("bfloat16", "float16") else peaks[1]
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,7 +23,8 @@ import numpy as np
 from jax.experimental import io_callback
 
 from gpt_jax.config import GPTConfig
-from gpt_jax.model import Block, _layer_norm, attention_mask_BTS
+from gpt_jax.attention import target_platform
+from gpt_jax.model import Block, _layer_norm, attention_mask_BTS, mask_padded_vocab
 
 
 class GenerateError(ValueError):
@@ -87,18 +88,18 @@ def _forward(config: GPTConfig, params, layers, tokens_BT, pos_BT, key_valid_BS,
     x_BTD = (embedding_VD[tokens_BT] + params["wpe"]["embedding"][pos_BT]).astype(dtype)
     mask_BTS = attention_mask_BTS(jnp.broadcast_to(index + jnp.arange(T), (B, T)), key_valid_BS)
     new_caches = []
-    with nn.intercept_methods(_transposed_dense):
+    with nn.intercept_methods(functools.partial(_transposed_dense, platform=target_platform(config))):
         for layer, cache in zip(layers, caches):
             x_BTD, cache = Block(config).apply({"params": layer}, x_BTD, mask_BTS, cache, index)
             new_caches.append(cache)
     x_BTD = x_BTD[:, -1:]  # only the last position's logits are needed (prefill skips T - 1 of them)
     if config.norm == "pre":
         x_BTD = _layer_norm(config, None).apply({"params": params["ln_f"]}, x_BTD)
-    logits_BV = _matmul_out_in(x_BTD[:, 0], embedding_VD.astype(dtype))
-    return logits_BV[:, None], new_caches
+    logits_BV = _matmul_out_in(x_BTD[:, 0], embedding_VD.astype(dtype), target_platform(config))
+    return mask_padded_vocab(config, logits_BV[:, None]), new_caches
 
 
-def _matmul_out_in(x_MK, w_NK):
+def _matmul_out_in(x_MK, w_NK, platform: str):
     """x @ w.T for a weight stored [out, in]; for a few rows, computed as (w @ x.T).T.
 
     For the few rows of a decode step, XLA's CPU matmuls read an [out, in] weight on the left about
@@ -106,13 +107,13 @@ def _matmul_out_in(x_MK, w_NK):
     from folding the transpose back into a right-hand-side product. For many rows (a prefill) the
     transpose of the output costs more than it saves, and the plain product is as fast as any; on
     accelerators the matmul library takes either operand transposed, so the plain product is used."""
-    if x_MK.shape[0] > 32 or jax.default_backend() != "cpu":
+    if x_MK.shape[0] > 32 or platform != "cpu":
         return jnp.einsum("mk,nk->mn", x_MK, w_NK, preferred_element_type=jnp.float32)
     y_NM = jax.lax.optimization_barrier(jnp.einsum("nk,mk->nm", w_NK, x_MK, preferred_element_type=jnp.float32))
     return y_NM.T
 
 
-def _transposed_dense(next_fun, args, kwargs, context):
+def _transposed_dense(next_fun, args, kwargs, context, platform="cpu"):
     """A block's Dense layers from kernels stored [out, in] (see `split_layers`)."""
     module = context.module
     if not (isinstance(module, nn.Dense) and context.method_name == "__call__"
@@ -120,7 +121,7 @@ def _transposed_dense(next_fun, args, kwargs, context):
         return next_fun(*args, **kwargs)
     x = args[0].astype(module.dtype)
     kernel_NK = module.get_variable("params", "kernel_T").astype(module.dtype)
-    y = _matmul_out_in(x.reshape(-1, x.shape[-1]), kernel_NK).astype(module.dtype)
+    y = _matmul_out_in(x.reshape(-1, x.shape[-1]), kernel_NK, platform).astype(module.dtype)
     y = y.reshape(*x.shape[:-1], kernel_NK.shape[0])
     bias = module.get_variable("params", "bias").astype(module.dtype)
     return y + bias.reshape((1,) * (y.ndim - 1) + bias.shape)

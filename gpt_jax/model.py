@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import optax
 
+from gpt_jax import attention
 from gpt_jax.config import GPTConfig
 
 ACTIVATIONS = {
@@ -43,7 +44,7 @@ REMAT_POLICIES = {
 
 
 class GPTOutput(NamedTuple):
-    logits: jax.Array  # [B, T, V] float32
+    logits: jax.Array  # [B, T, V] float32 (V: the padded vocabulary; padded columns are -inf)
     hidden: jax.Array  # [B, T, D] final hidden states (after ln_f for GPT-2)
     cache: Optional[dict]  # {"k": [L, B, N, H, S], "v": [L, B, N, S, H]} when a cache was passed in
 
@@ -71,10 +72,34 @@ def attention_mask_BTS(q_slot_BT, key_valid_BS):
     return causal & (key_valid_BS[:, None, :] | own)
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def einsum_f32(spec: str, a, b):
+    """`jnp.einsum(spec, a, b)` with a float32 result; the backward matmuls run in the operands' dtype.
+
+    A plain einsum with preferred_element_type=float32 feeds its float32 cotangent straight into both
+    backward matmuls, so with bf16 operands those run with a float32 operand (for the logits and the
+    attention scores: about a fifth of a GPT-2 step's FLOPs). Here the cotangent is cast to the
+    operands' dtype first; the matmul units still accumulate in float32."""
+    return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32)
+
+
+def _einsum_f32_fwd(spec, a, b):
+    return einsum_f32(spec, a, b), (a, b)
+
+
+def _einsum_f32_bwd(spec, res, g):
+    a, b = res
+    _, vjp = jax.vjp(lambda a, b: jnp.einsum(spec, a, b), a, b)
+    return vjp(g.astype(jnp.result_type(a, b)))
+
+
+einsum_f32.defvjp(_einsum_f32_fwd, _einsum_f32_bwd)
+
+
 def reference_attention(q_BTNH, k_BSNH, v_BSNH, mask_BTS, dropout=None):
     """Plain einsum attention: the oracle for the fast path and the path used for attention dropout."""
     scale = 1.0 / math.sqrt(q_BTNH.shape[-1])
-    scores_BNTS = jnp.einsum("btnh,bsnh->bnts", q_BTNH, k_BSNH, preferred_element_type=jnp.float32) * scale
+    scores_BNTS = einsum_f32("btnh,bsnh->bnts", q_BTNH, k_BSNH) * scale
     scores_BNTS = jnp.where(mask_BTS[:, None], scores_BNTS, jnp.finfo(jnp.float32).min)
     probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1)  # softmax in fp32 whatever the compute dtype
     if dropout is not None:
@@ -140,6 +165,23 @@ def _decode_step_attention(cfg, q_BTNH, k_BTNH, v_BTNH, mask_BTS, cache, cache_i
     return y_BTNH, {"k": k_BNHS, "v": v_BNSH}
 
 
+def _write_cache(cache, k_BTNH, v_BTNH, cache_index):
+    k_BNHS = jax.lax.dynamic_update_slice(
+        cache["k"], k_BTNH.transpose(0, 2, 3, 1).astype(cache["k"].dtype), (0, 0, 0, cache_index))
+    v_BNSH = jax.lax.dynamic_update_slice(
+        cache["v"], v_BTNH.transpose(0, 2, 1, 3).astype(cache["v"].dtype), (0, 0, cache_index, 0))
+    return {"k": k_BNHS, "v": v_BNSH}
+
+
+def _dense_mask(mask, T):
+    """The [B, T, T] causal mask from the uncached pass's mask argument (a dense mask passes through)."""
+    if mask is not None and mask.ndim == 3:
+        return mask
+    q_slot_T = jnp.arange(T)
+    valid_BT = jnp.ones((1, T), bool) if mask is None else q_slot_T[None, :] >= mask[:, None]
+    return attention_mask_BTS(jnp.broadcast_to(q_slot_T, (valid_BT.shape[0], T)), valid_BT)
+
+
 def _after(index, x):
     """`index`, made to depend on `x` (one element of x is compared with +inf, which is never
     smaller, and XLA does not fold that away): an op that takes it waits until x is computed."""
@@ -151,36 +193,39 @@ class CausalSelfAttention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BTD, mask_BTS, cache, cache_index):
+    def __call__(self, x_BTD, mask, cache, cache_index):
+        """mask: [B, T, S] booleans (the dense mask; decoding and the einsum path), or for the
+        uncached forward pass [B] left-padding counts or None (no padding), see `GPT`."""
         cfg = self.config
         B, T, D = x_BTD.shape
         N, H = cfg.n_head, cfg.head_dim
         qkv_BT3D = _dense(3 * D, cfg, "c_attn", ("embed", "qkv"))(x_BTD)
         q_BTNH, k_BTNH, v_BTNH = (a.reshape(B, T, N, H) for a in jnp.split(qkv_BT3D, 3, axis=-1))
         use_dropout = cfg.attn_pdrop > 0 and not self.deterministic
+        kernel = attention.resolve(cfg, use_dropout)
         if cache is not None and T == 1 and not use_dropout:  # one decode step
-            y_BTNH, cache = _decode_step_attention(cfg, q_BTNH, k_BTNH, v_BTNH, mask_BTS, cache, cache_index)
+            y_BTNH, cache = _decode_step_attention(cfg, q_BTNH, k_BTNH, v_BTNH, mask, cache, cache_index)
+        elif cache is not None and kernel != "reference" and isinstance(cache_index, int) and cache_index == 0:
+            # A prefill from slot 0: the chunk attends to itself with the fused kernel, then fills the cache.
+            pad_B = T - jnp.sum(mask[:, -1, :T], axis=-1)  # the last query sees every real slot of the chunk
+            y_BTNH = attention.fused_attention(kernel, q_BTNH, k_BTNH, v_BTNH, pad_B)
+            cache = _write_cache(cache, k_BTNH, v_BTNH, cache_index)
         elif cache is not None:  # write this chunk into its slots, then attend over all slots
-            k_BNHS = jax.lax.dynamic_update_slice(
-                cache["k"], k_BTNH.transpose(0, 2, 3, 1).astype(cache["k"].dtype), (0, 0, 0, cache_index))
-            v_BNSH = jax.lax.dynamic_update_slice(
-                cache["v"], v_BTNH.transpose(0, 2, 1, 3).astype(cache["v"].dtype), (0, 0, cache_index, 0))
-            cache = {"k": k_BNHS, "v": v_BNSH}
+            cache = _write_cache(cache, k_BTNH, v_BTNH, cache_index)
+            k_BNHS, v_BNSH = cache["k"], cache["v"]
             scale = 1.0 / math.sqrt(H)
-            scores_BNTS = jnp.einsum("btnh,bnhs->bnts", q_BTNH, k_BNHS.astype(q_BTNH.dtype),
-                                     preferred_element_type=jnp.float32) * scale
-            scores_BNTS = jnp.where(mask_BTS[:, None], scores_BNTS, jnp.finfo(jnp.float32).min)
+            scores_BNTS = einsum_f32("btnh,bnhs->bnts", q_BTNH, k_BNHS.astype(q_BTNH.dtype)) * scale
+            scores_BNTS = jnp.where(mask[:, None], scores_BNTS, jnp.finfo(jnp.float32).min)
             probs_BNTS = jax.nn.softmax(scores_BNTS, axis=-1)
             if use_dropout:
                 probs_BNTS = nn.Dropout(cfg.attn_pdrop, deterministic=False)(probs_BNTS)
             y_BTNH = jnp.einsum("bnts,bnsh->btnh", probs_BNTS.astype(q_BTNH.dtype), v_BNSH.astype(q_BTNH.dtype))
-        elif cfg.attention == "reference" or use_dropout or (cfg.attention == "auto" and jax.default_backend() == "cpu"):
-            # On CPU the einsum path is the faster one (BENCHMARKS.md); elsewhere JAX picks cuDNN or XLA.
+        elif kernel == "reference":
+            # On CPU the einsum path is the faster one (BENCHMARKS.md); it also serves attention dropout.
             dropout = nn.Dropout(cfg.attn_pdrop, deterministic=self.deterministic) if use_dropout else None
-            y_BTNH = reference_attention(q_BTNH, k_BTNH, v_BTNH, mask_BTS, dropout)
-        else:
-            impl = None if cfg.attention == "auto" else cfg.attention
-            y_BTNH = jax.nn.dot_product_attention(q_BTNH, k_BTNH, v_BTNH, mask=mask_BTS[:, None], implementation=impl)
+            y_BTNH = reference_attention(q_BTNH, k_BTNH, v_BTNH, _dense_mask(mask, T), dropout)
+        else:  # a fused kernel: no dense mask, left padding (if any) as a count per row
+            y_BTNH = attention.fused_attention(kernel, q_BTNH, k_BTNH, v_BTNH, mask)
 
         # Residual projections start small, 0.02 / sqrt(2 * n_layer) (GPT-2 paper, section 2.3):
         # each block adds two of them to the residual stream, so its variance stays O(1) with depth.
@@ -209,18 +254,18 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x_BTD, mask_BTS, cache, cache_index):
+    def __call__(self, x_BTD, mask, cache, cache_index):
         cfg = self.config
         self.sow("intermediates", "block_input", x_BTD)
         attn = CausalSelfAttention(cfg, self.deterministic, name="attn")
         mlp = MLP(cfg, self.deterministic, name="mlp")
         ln_1, ln_2 = _layer_norm(cfg, "ln_1"), _layer_norm(cfg, "ln_2")
         if cfg.norm == "pre":  # GPT-2
-            a_BTD, cache = attn(ln_1(x_BTD), mask_BTS, cache, cache_index)
+            a_BTD, cache = attn(ln_1(x_BTD), mask, cache, cache_index)
             x_BTD = x_BTD + a_BTD
             x_BTD = x_BTD + mlp(ln_2(x_BTD))
         else:  # GPT-1: LayerNorm after each residual add
-            a_BTD, cache = attn(x_BTD, mask_BTS, cache, cache_index)
+            a_BTD, cache = attn(x_BTD, mask, cache, cache_index)
             x_BTD = ln_1(x_BTD + a_BTD)
             x_BTD = ln_2(x_BTD + mlp(x_BTD))
         return x_BTD, cache
@@ -258,10 +303,17 @@ class GPT(nn.Module):
         q_slot_BT = jnp.broadcast_to(cache_index + jnp.arange(T), (B, T))
         if position_ids is None:
             position_ids = q_slot_BT
-        key_valid_BS = jnp.ones((B, S), bool) if attention_mask is None else attention_mask.astype(bool)
-        mask_BTS = attention_mask_BTS(q_slot_BT, key_valid_BS)
+        kernel = attention.resolve(cfg, cfg.attn_pdrop > 0 and not deterministic)
+        if cache is None and kernel != "reference":
+            # Fused kernels take no dense mask: attention_mask must be left padding, given as counts.
+            mask = None if attention_mask is None else S - jnp.sum(attention_mask.astype(jnp.int32), axis=-1)
+        else:
+            key_valid_BS = jnp.ones((B, S), bool) if attention_mask is None else attention_mask.astype(bool)
+            mask = attention_mask_BTS(q_slot_BT, key_valid_BS)
 
-        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+        # The embedding has padded_vocab_size rows; the padded rows are never looked up, and their
+        # logits are masked below, so they take no part in the loss, sampling or scoring.
+        wte = nn.Embed(cfg.padded_vocab_size, cfg.n_embd, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
                        embedding_init=nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range),
                                                                   ("vocab", "embed")), name="wte")
         wpe = nn.Embed(cfg.n_positions, cfg.n_embd, dtype=dtype, param_dtype=jnp.dtype(cfg.param_dtype),
@@ -282,16 +334,26 @@ class GPT(nn.Module):
             unroll=1 if cfg.scan_layers else cfg.n_layer,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x_BTD, cache = blocks(cfg, deterministic, name="h")(x_BTD, mask_BTS, cache, cache_index)
+        x_BTD, cache = blocks(cfg, deterministic, name="h")(x_BTD, mask, cache, cache_index)
 
         if cfg.norm == "pre":
             x_BTD = _layer_norm(cfg, "ln_f")(x_BTD)
-        # Output layer tied to the token embedding (GPT-1 section 3.1); logits in fp32 for the loss.
+        # Output layer tied to the token embedding (GPT-1 section 3.1). Logits come out in fp32 for the
+        # loss; with bf16 compute the matmul and its two backward matmuls are bf16 (einsum_f32).
         embedding_VD = nn.unbox(wte.embedding).astype(dtype)
-        logits_BTV = jnp.einsum("btd,vd->btv", x_BTD, embedding_VD, preferred_element_type=jnp.float32)
+        logits_BTV = einsum_f32("btd,vd->btv", x_BTD, embedding_VD)
+        logits_BTV = mask_padded_vocab(cfg, logits_BTV)
         if cache is None and not return_hidden:
             return logits_BTV
         return GPTOutput(logits_BTV, x_BTD, cache)
+
+
+def mask_padded_vocab(config: GPTConfig, logits_BTV):
+    """-inf for the logits of padded vocabulary rows (ids >= vocab_size), so they never win."""
+    if config.padded_vocab_size == config.vocab_size:
+        return logits_BTV
+    real_V = jnp.arange(logits_BTV.shape[-1]) < config.vocab_size
+    return jnp.where(real_V, logits_BTV, -jnp.inf)
 
 
 def lm_loss(logits_BTV, targets_BT, weights_BT=None):

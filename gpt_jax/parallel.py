@@ -11,8 +11,11 @@ Strategies (config `parallel.strategy`):
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
@@ -30,6 +33,7 @@ RULES = (
     ("heads", "tensor"),   # attention output projection inputs
     ("mlp", "tensor"),     # MLP hidden units
     ("layers", None),      # the scanned layer axis stays whole
+    ("batch", ("data", "fsdp")),  # activations' batch (fused attention kernels run per shard)
 )
 BATCH_AXES = ("data", "fsdp")
 
@@ -57,20 +61,35 @@ def make_mesh(pc: ParallelConfig, devices=None) -> jax.sharding.Mesh:
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 
 
-def _mesh_spec(logical: P, shape, mesh) -> P:
-    """Map a logical PartitionSpec to mesh axes; an axis that does not divide its dimension stays whole."""
+def _mesh_spec(logical: P, shape, mesh, where: str = "a parameter") -> P:
+    """Map a logical PartitionSpec to mesh axes. An axis that does not divide its dimension leaves it
+    whole, with a warning that names the parameter (a silent fallback would hide a replicated tensor)."""
     rules = dict(RULES)
     out = []
     for name, dim in zip(tuple(logical) + (None,) * (len(shape) - len(logical)), shape):
         axis = rules.get(name) if name else None
-        out.append(axis if axis and dim % mesh.shape[axis] == 0 else None)
+        if axis and mesh.shape[axis] > 1 and dim % mesh.shape[axis]:
+            _warn_once(f"{where}: its {name} dimension ({dim}) does not split over mesh axis {axis} "
+                       f"({mesh.shape[axis]} devices), so it is kept whole on each; "
+                       + ("raise model.pad_vocab_multiple" if name == "vocab" else f"pick a size divisible by {mesh.shape[axis]}"))
+            axis = None
+        out.append(axis)
     return P(*out)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
 
 
 def param_shardings(config: Config, mesh, abstract_params):
     specs = logical_axes(config.model)
-    return jax.tree.map(lambda spec, x: NamedSharding(mesh, _mesh_spec(spec, x.shape, mesh)), specs, abstract_params,
-                        is_leaf=lambda s: isinstance(s, P))
+
+    def sharding(path, spec, x):
+        return NamedSharding(mesh, _mesh_spec(spec, x.shape, mesh, "params/" + "/".join(
+            str(getattr(k, "key", k)) for k in path)))
+
+    return jax.tree_util.tree_map_with_path(sharding, specs, abstract_params, is_leaf=lambda s: isinstance(s, P))
 
 
 def _trailing_dict_keys(path) -> tuple:
@@ -157,6 +176,9 @@ class Single:
 
     def compile_step(self, step_fn):
         return jax.jit(step_fn, donate_argnums=0)
+
+    def compile_eval(self, eval_fn):
+        return jax.jit(eval_fn)
 
     def put_batch(self, batch_ABT1):
         """This process's rows of a global [A, b, T + 1] batch, placed for the step."""
@@ -249,8 +271,21 @@ class Mesh(Single):
         return jax.jit(init_fn, out_shardings=self.state_sh)()
 
     def compile_step(self, step_fn):
-        return jax.jit(step_fn, in_shardings=(self.state_sh, self.batch_sh),
+        return jax.jit(self.on_mesh(step_fn), in_shardings=(self.state_sh, self.batch_sh),
                        out_shardings=(self.state_sh, NamedSharding(self.mesh, P())), donate_argnums=0)
+
+    def compile_eval(self, eval_fn):
+        return jax.jit(self.on_mesh(eval_fn))
+
+    def on_mesh(self, fn):
+        """`fn` traced with this mesh and the logical-axis rules set, for code that places work per
+        shard (the Pallas attention kernels run under shard_map)."""
+        @functools.wraps(fn)
+        def traced(*args):
+            with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh), nn.logical_axis_rules(RULES):
+                return fn(*args)
+
+        return traced
 
     def put_batch(self, batch_ABT1):
         if jax.process_count() == 1:

@@ -9,6 +9,7 @@ transformers is needed: `.bin` files are read with a small unpickler over the zi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pickle
 import zipfile
@@ -151,9 +152,12 @@ def _read_weights(path: Path) -> dict[str, np.ndarray]:
     raise ConfigError(f"{path} has no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
 
 
-def load_pretrained(path) -> tuple[GPTConfig, dict]:
+def load_pretrained(path, pad_vocab_multiple: int = 1) -> tuple[GPTConfig, dict]:
     """Read a Hugging Face GPT-2 or OpenAI-GPT directory, or a model name (`gpt2`, `gpt2-medium`,
-    `gpt2-large`, `gpt2-xl`, `openai-gpt`) from the Hugging Face cache, into (GPTConfig, params)."""
+    `gpt2-large`, `gpt2-xl`, `openai-gpt`) from the Hugging Face cache, into (GPTConfig, params).
+
+    pad_vocab_multiple > 1 adds zero embedding rows up to a multiple of it (GPTConfig.pad_vocab_multiple;
+    their logits are masked), e.g. 128 to train with a vocabulary that shards over `tensor`."""
     path = local_path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path} is not a checkpoint directory: {path / 'config.json'} is missing")
@@ -182,6 +186,10 @@ def load_pretrained(path) -> tuple[GPTConfig, dict]:
     if leftover:
         raise ConfigError(f"{path}: unexpected tensors {leftover[:5]}; is config.json's n_layer right?")
     _check_shapes(config, params, str(path))
+    if pad_vocab_multiple > 1:
+        config = dataclasses.replace(config, pad_vocab_multiple=pad_vocab_multiple)
+        wte = params["wte"]["embedding"]
+        params["wte"]["embedding"] = np.pad(wte, ((0, config.padded_vocab_size - wte.shape[0]), (0, 0)))
     return config, params
 
 
@@ -217,6 +225,8 @@ def save_pretrained(config: GPTConfig, params: dict, path) -> None:
 
     for name, tree_path in _TOP[hf["model_type"]].items():
         tensors[f"transformer.{name}"] = get(tree_path)
+    wte_name = next(name for name, tree_path in _TOP[hf["model_type"]].items() if tree_path[0] == "wte")
+    tensors[f"transformer.{wte_name}"] = tensors[f"transformer.{wte_name}"][: config.vocab_size]  # padded rows off
     for name, tree_path in _LAYER.items():
         stacked = get(("h", *tree_path))
         for i in range(config.n_layer):

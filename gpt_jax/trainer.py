@@ -248,7 +248,7 @@ def train(config: Config, verbose: bool = True) -> dict:
     val = eval_batches(data.tokens("val"), T, tc.batch_size, tc.eval_batches)
     train_step = strategy.compile_step(make_train_step(config, optimizer, schedule,
                                                        "batch" if strategy.name == "pmap" else None))
-    eval_step = jax.jit(make_eval_step(config))
+    eval_step = strategy.compile_eval(make_eval_step(config))
     A = oc.grad_accum
     acct = strategy.accounting
     tokens_per_step = acct["tokens_per_step"]
@@ -403,7 +403,7 @@ def load_run(run_dir, which: str = "best"):
     for name in ("config.yaml", "tokenizer.json"):
         if not (run_dir / name).is_file():
             raise ConfigError(f"{run_dir} is not a training run: {name} is missing")
-    config = load_config(run_dir / "config.yaml")
+    config = load_config(run_dir / "config.yaml", saved_run=True)
     tokenizer = load_tokenizer(json.loads((run_dir / "tokenizer.json").read_text()))
     ckpt = Checkpointer(run_dir, keep=config.train.keep_checkpoints)
     optimizer = make_optimizer(config.optim, config.train.steps)

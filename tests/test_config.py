@@ -1,5 +1,6 @@
 import dataclasses
 import pytest
+import yaml
 
 from gpt_jax.config import PRESETS, ConfigError, GPTConfig, load_config, save_config
 from gpt_jax.model import param_count
@@ -88,3 +89,16 @@ def test_shipped_configs_load():
         assert head[0].startswith("#") and "python train.py --config" in path.read_text()[:400] or \
             path.name == "quickstart.yaml", f"{path.name} must open with the command that runs it"
         load_config(path)
+
+
+def test_saved_run_config_without_vocab_padding_loads_unpadded(tmp_path):
+    """A run directory written before `pad_vocab_multiple` existed holds unpadded parameters."""
+    values = load_config(overrides=["model.preset=gpt2-tiny"]).to_dict()
+    del values["model"]["pad_vocab_multiple"]
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(values))
+    assert load_config(path, saved_run=True).model.pad_vocab_multiple == 1
+    assert load_config(path).model.pad_vocab_multiple == 128  # a new run's default
+    values["model"]["pad_vocab_multiple"] = 64
+    path.write_text(yaml.safe_dump(values))
+    assert load_config(path, saved_run=True).model.pad_vocab_multiple == 64

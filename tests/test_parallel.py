@@ -169,3 +169,20 @@ def test_dry_run_reports_per_device_memory_shrinking_with_fsdp(tmp_path):
     n = param_count(GPTConfig.preset("gpt2-tiny", n_embd=128, n_head=4))
     assert dp["params_bytes"] == 4 * n and dp["opt_state_bytes"] >= 8 * n  # replicated: all of it per device
     assert fsdp["params_bytes"] < dp["params_bytes"] / 6 and fsdp["opt_state_bytes"] < dp["opt_state_bytes"] / 6
+
+
+def test_a_mesh_axis_that_cannot_split_a_dimension_is_named_not_dropped_silently():
+    import types
+    import warnings
+
+    from jax.sharding import PartitionSpec as P
+
+    from gpt_jax.parallel import _mesh_spec
+
+    mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 4, "tensor": 2})
+    assert _mesh_spec(P("vocab", "embed"), (50304, 768), mesh, "params/wte/embedding") == P("tensor", "fsdp")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec = _mesh_spec(P("vocab", "embed"), (50257, 768), mesh, "params/wte/embedding")
+    assert spec == P(None, "fsdp")
+    assert any("params/wte/embedding" in str(w.message) and "pad_vocab_multiple" in str(w.message) for w in caught)

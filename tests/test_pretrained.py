@@ -93,17 +93,27 @@ def test_export_loads_in_transformers(tmp_path, preset):
         np.testing.assert_array_equal(np.asarray(a), b)
 
 
-def test_tiny_gpt2_reproduces_reference_outputs():
+@pytest.mark.parametrize("pad", [1, 128])
+def test_tiny_gpt2_reproduces_reference_outputs(tmp_path, pad):
+    """Also with the vocabulary padded to 50,304 rows: the same figures, and save_pretrained strips the rows."""
     root = data_path("tiny-gpt2")
     ref = json.loads((root / "reference_outputs.json").read_text())
-    config, params = load_pretrained(root)
+    config, params = load_pretrained(root, pad_vocab_multiple=pad)
     assert (config.n_layer, config.n_embd, config.vocab_size) == (2, 2, 50257)
+    assert params["wte"]["embedding"].shape[0] == (50304 if pad == 128 else 50257)
+    if pad > 1:
+        save_pretrained(config, params, tmp_path / "out")
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 50257
+        again_config, again = load_pretrained(tmp_path / "out")
+        np.testing.assert_array_equal(again["wte"]["embedding"], params["wte"]["embedding"][:50257])
     for case in ref["cases"]:
         ids = jnp.asarray([case["ids"]])
         out, state = GPT(config).apply({"params": params}, ids, return_hidden=True, mutable=["intermediates"])
         hidden = list(state["intermediates"]["h"]["block_input"][0][:, 0]) + [out.hidden[0]]
         np.testing.assert_allclose(np.stack(hidden), case["hidden_states"], atol=1e-6, rtol=1e-5)
         logits = np.asarray(out.logits[0])
+        assert np.all(logits[:, 50257:] == -np.inf)
+        logits = logits[:, :50257]
         np.testing.assert_allclose(logits[:, :8], case["logits_first8"], atol=1e-6)
         np.testing.assert_allclose(logits[np.arange(len(case["ids"])), case["ids"]], case["logits_at_ids"], atol=1e-6)
         np.testing.assert_allclose(logits.max(-1), case["logits_max"], atol=1e-6)

@@ -1,0 +1,151 @@
+"""Zero-shot language-modelling benchmarks of the GPT-2 paper (Table 3): WikiText-2, PTB, LAMBADA.
+
+    python -m gpt_jax.evaluate --checkpoint PATH benchmark wikitext2|ptb|lambada [--split test] [--stride N]
+
+WikiText-2 and PTB: the test file is detokenised (the paper used invertible detokenisers so that a
+model trained on raw text reads natural text), scored with a sliding window, and reported as
+perplexity per model token and per word-level token of the original file (its whitespace tokens
+plus one <eos> per line: 245,569 for WikiText-2 test, 82,430 for PTB test), the figure papers
+report. LAMBADA: each passage's last word is the target; accuracy counts passages whose target is
+the model's greedy continuation as a whole word (every one of its tokens the argmax, so multi-token
+words must be right throughout), and perplexity is exp of the mean negative log-likelihood of the
+target word. Files come from `$GPT_JAX_DATA` (see the data README) or `--data-dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from gpt_jax.data import DataError
+
+FILES = {
+    "wikitext2": {"test": "wikitext-2/wiki.test.tokens", "valid": "wikitext-2/wiki.valid.tokens"},
+    "ptb": {"test": "ptb/ptb.test.txt", "valid": "ptb/ptb.valid.txt"},
+    "lambada": {"test": "lambada/lambada_test.jsonl"},
+}
+
+
+def wikitext_detokenize(text: str) -> str:
+    """WikiText's tokenisation undone: @-@ style number separators, spaces before punctuation,
+    inside brackets and quotes, heading markers and possessives."""
+    text = text.replace("s '", "s'")
+    for sep in "-,.":
+        text = text.replace(f" @{sep}@ ", sep)
+    for mark in ":;.!?,":
+        text = text.replace(f" {mark} ", f"{mark} ")
+    text = re.sub(r"\(\s*([^\)]*?)\s*\)", r"(\1)", text)
+    text = re.sub(r"\[\s*([^\]]*?)\s*\]", r"[\1]", text)
+    text = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", text)
+    text = re.sub(r'"\s*([^"]*?)\s*"', r'"\1"', text)
+    text = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", text)
+    for n in (4, 3, 2):
+        text = text.replace(" ".join("=" * n), "=" * n)
+    text = text.replace(" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}")
+    text = text.replace(" \n", "\n").replace("\n ", "\n")
+    return text.replace(" N ", " 1 ").replace(" 's", "'s")
+
+
+def ptb_detokenize(text: str) -> str:
+    """PTB's tokenisation undone where it is invertible: clitics and quotes joined, N read as a number."""
+    text = text.replace(" '", "'").replace(" n't", "n't")
+    text = text.replace(" \n", "\n").replace("\n ", "\n")
+    return text.replace(" N ", " 1 ").replace("$ 1", "$1").replace("# 1", "#1")
+
+
+def word_count(text: str) -> int:
+    """Word-level tokens of a WikiText / PTB file: whitespace tokens plus one <eos> per line."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines = lines[:-1]
+    return sum(len(line.split()) + 1 for line in lines)
+
+
+def data_file(name: str, split: str, data_dir: str | os.PathLike | None = None) -> Path:
+    if name not in FILES:
+        raise DataError(f"unknown benchmark {name!r}; choose one of {sorted(FILES)}")
+    if split not in FILES[name]:
+        raise DataError(f"{name} has no {split!r} split here; splits: {sorted(FILES[name])}")
+    root = Path(data_dir or os.environ.get("GPT_JAX_DATA", "../shared/data"))
+    path = root / FILES[name][split]
+    if not path.is_file():
+        raise DataError(f"{path} is missing: give --data-dir (or set GPT_JAX_DATA) to the folder that holds "
+                        f"{FILES[name][split]}")
+    return path
+
+
+def language_modelling(config, params, tokenizer, text: str, detokenize, stride: int | None = None) -> dict:
+    """Sliding-window perplexity of a detokenised WikiText / PTB text, per model token and per word."""
+    from gpt_jax.evaluate import perplexity
+
+    r = perplexity(config, params, tokenizer.encode(detokenize(text)), stride)
+    words = word_count(text)
+    nll_total = r["nll"] * r["tokens"]
+    return {**r, "words": words, "word_perplexity": math.exp(nll_total / words)}
+
+
+def lambada_examples(path: Path) -> list[tuple[str, str]]:
+    """(context, target word) pairs: the target is the passage's last whitespace-separated word."""
+    out = []
+    for no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"] if path.suffix == ".jsonl" else line
+        except (ValueError, KeyError, TypeError):
+            raise DataError(f"{path} line {no}: expected a JSON object with a 'text' field") from None
+        context, _, word = text.rstrip().rpartition(" ")
+        if not context or not word:
+            raise DataError(f"{path} line {no}: a passage needs a context and a last word")
+        out.append((context, word))
+    return out
+
+
+def lambada(config, params, tokenizer, examples, batch_size: int = 16) -> dict:
+    """Last-word accuracy (greedy, whole word) and perplexity of the target words."""
+    from gpt_jax.evaluate import _scorer
+
+    C = config.n_positions
+    seqs = []
+    for context, word in examples:
+        ctx, tgt = tokenizer.encode(context), tokenizer.encode(" " + word)
+        if not ctx or not tgt:
+            raise DataError(f"a LAMBADA passage encodes to no tokens: {context[:60]!r} / {word!r}")
+        seq = (ctx + tgt)[-(C + 1):]
+        seqs.append((seq, min(len(tgt), len(seq) - 1)))
+    T = min(C + 1, max(len(s) for s, _ in seqs))
+    score = _scorer(config, with_argmax=True)
+    nll, correct = np.zeros(len(seqs)), np.zeros(len(seqs), bool)
+    for i in range(0, len(seqs), batch_size):
+        group = seqs[i:i + batch_size]
+        tokens = np.zeros((batch_size, T), np.int32)
+        for r, (s, _) in enumerate(group):
+            tokens[r, :len(s)] = s
+        logp, hit = (np.asarray(a) for a in score(params, tokens))
+        for r, (s, n) in enumerate(group):
+            span = slice(len(s) - 1 - n, len(s) - 1)
+            nll[i + r] = -logp[r, span].astype(np.float64).sum()
+            correct[i + r] = hit[r, span].all()
+    return {"accuracy": float(correct.mean()), "perplexity": math.exp(nll.mean()), "n": len(seqs)}
+
+
+def run(name: str, config, params, tokenizer, split: str = "test", data_dir=None, stride: int | None = None) -> dict:
+    path = data_file(name, split, data_dir)
+    if name == "lambada":
+        return {"benchmark": name, "file": str(path), **lambada(config, params, tokenizer, lambada_examples(path))}
+    detokenize = wikitext_detokenize if name == "wikitext2" else ptb_detokenize
+    text = path.read_text(encoding="utf-8")
+    return {"benchmark": name, "file": str(path),
+            **language_modelling(config, params, tokenizer, text, detokenize, stride)}
+
+
+def describe(r: dict) -> str:
+    if r["benchmark"] == "lambada":
+        return f"lambada: accuracy {r['accuracy']:.4f}, perplexity {r['perplexity']:.2f} over {r['n']:,} passages"
+    return (f"{r['benchmark']}: perplexity {r['word_perplexity']:.2f} per word ({r['words']:,} word-level tokens), "
+            f"{r['perplexity']:.2f} per model token ({r['tokens']:,} tokens, {r['windows']} windows)")

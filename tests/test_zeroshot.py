@@ -1,0 +1,124 @@
+"""The GPT-2 paper's zero-shot LM protocol (gpt_jax.zeroshot) against direct computation on small cases."""
+
+import json
+import math
+import string
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from conftest import data_path
+from gpt_jax import GPT, GPTConfig, init_params
+from gpt_jax.generate import generate
+from gpt_jax.tokenizer import CharTokenizer
+from gpt_jax.zeroshot import (lambada, lambada_examples, language_modelling, ptb_detokenize, word_count,
+                              wikitext_detokenize)
+
+TOK = CharTokenizer(sorted(set(string.printable)))
+CFG = GPTConfig(vocab_size=TOK.vocab_size, n_positions=96, n_embd=32, n_layer=2, n_head=2, pad_vocab_multiple=32)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.key(0))
+
+
+def direct_logprobs(cfg, params, ids):
+    """log p(ids[t] | ids[:t]) for t >= 1, from one plain forward pass."""
+    logits = GPT(cfg).apply({"params": params}, np.asarray([ids[:-1]], np.int32))[0]
+    return np.asarray(jax.nn.log_softmax(logits), np.float64)[np.arange(len(ids) - 1), ids[1:]], np.asarray(logits)
+
+
+def test_detokenizers():
+    assert wikitext_detokenize(" = = Early life = = \n") == " == Early life ==\n"
+    assert wikitext_detokenize("a 1 @,@ 000 @-@ year span , in ( 1990 ) Teddy 's . \n") == \
+        "a 1,000-year span, in (1990) Teddy's.\n"
+    assert ptb_detokenize("it was n't the dow 's fault at $ N a share \n") == "it wasn't the dow's fault at $1 a share\n"
+
+
+def test_word_counts_are_the_published_ones():
+    assert word_count(data_path("wikitext-2", "wiki.test.tokens").read_text()) == 245_569
+    assert word_count(data_path("ptb", "ptb.test.txt").read_text()) == 82_430
+
+
+def test_language_modelling_equals_direct_computation(params):
+    text = " = Homarus = \n the lobster 's claws , at 1 @.@ 5 m , grow . \n"
+    r = language_modelling(CFG, params, TOK, text, wikitext_detokenize)
+    ids = TOK.encode(wikitext_detokenize(text))
+    assert len(ids) <= CFG.n_positions + 1  # one window: every target scored with all of its past
+    logp, _ = direct_logprobs(CFG, params, ids)
+    assert r["tokens"] == len(ids) - 1 and r["words"] == len(text.split()) + 2
+    np.testing.assert_allclose(r["nll"], -logp.mean(), rtol=1e-5)
+    np.testing.assert_allclose(r["word_perplexity"], math.exp(-logp.sum() / r["words"]), rtol=1e-5)
+
+
+def test_lambada_accuracy_and_perplexity_equal_direct_computation(tmp_path):
+    """Targets of several characters (multi-token words). The model is first taught the cycle "abc abc ...",
+    so whole-word hits ("abc"), partial hits ("abm": only its last token is missed) and misses all occur."""
+    tok = CharTokenizer(sorted(set("abcmno ")))
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_positions=32, n_embd=32, n_layer=2, n_head=2, pad_vocab_multiple=8)
+    params = init_params(cfg, jax.random.key(1))
+    batch = np.asarray([tok.encode(("abc " * 10)[i:i + 25]) for i in range(4)], np.int32)
+    opt = optax.adam(1e-2)
+    loss = lambda p: -jnp.mean(jax.nn.log_softmax(GPT(cfg).apply({"params": p}, batch[:, :-1]))
+                               [np.arange(4)[:, None], np.arange(24), batch[:, 1:]])
+
+    @jax.jit
+    def step(params, state):
+        updates, state = opt.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = opt.init(params)
+    for _ in range(100):
+        params, state = step(params, state)
+    passages = ["abc abc abc abc", "c abc abc abc", "abc abc abc abm", "abc abc mno", "bc abc abc mno",
+                "abc abc abc abcab", "abc ab", "b abc abc abc"]
+    path = tmp_path / "lambada.jsonl"
+    path.write_text("\n".join(json.dumps({"text": p}) for p in passages) + "\n")
+    examples = lambada_examples(path)
+    assert [c + " " + w for c, w in examples] == passages
+    r = lambada(cfg, params, tok, examples, batch_size=3)
+    nll, hits, partial = [], [], 0
+    for context, word in examples:
+        ctx, tgt = tok.encode(context), tok.encode(" " + word)
+        logp, logits = direct_logprobs(cfg, params, ctx + tgt)
+        nll.append(-logp[-len(tgt):].sum())
+        token_hits = [np.argmax(logits[len(ctx) - 1 + j]) == t for j, t in enumerate(tgt)]
+        partial += any(token_hits) and not all(token_hits)
+        hits.append(all(token_hits))
+        greedy, _ = generate(cfg, params, [ctx], len(tgt), greedy=True)
+        assert hits[-1] == (greedy[0] == tgt)  # whole-word greedy: every token of the word
+    assert r["n"] == 8 and 0 < sum(hits) < 8 and partial > 0
+    assert r["accuracy"] == np.mean(hits)
+    np.testing.assert_allclose(r["perplexity"], math.exp(np.mean(nll)), rtol=1e-5)
+
+
+def test_benchmark_command_scores_the_test_file(tmp_path, capsys):
+    """`python -m gpt_jax.evaluate benchmark lambada` on a GPT-2 checkpoint: its figures equal a direct
+    per-passage computation; a missing test file is one line naming the folder to give."""
+    from gpt_jax import load_pretrained
+    from gpt_jax.evaluate import main
+    from gpt_jax.tokenizer import load_tokenizer
+
+    model_dir, bpe_dir = data_path("tiny-gpt2"), data_path("gpt2-bpe")
+    (tmp_path / "lambada").mkdir()
+    lines = data_path("lambada", "lambada_test.jsonl").read_text().splitlines()[:5]
+    (tmp_path / "lambada" / "lambada_test.jsonl").write_text("\n".join(lines) + "\n")
+    args = ["--checkpoint", str(model_dir), "--tokenizer", str(bpe_dir), "benchmark", "lambada"]
+    assert main(args + ["--data-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    config, params = load_pretrained(model_dir)
+    tok = load_tokenizer(bpe_dir)
+    nll = []
+    for line in lines:
+        context, _, word = json.loads(line)["text"].rpartition(" ")
+        ctx, tgt = tok.encode(context), tok.encode(" " + word)
+        logits = GPT(config).apply({"params": params}, np.asarray([ctx + tgt[:-1]], np.int32))[0]
+        logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32)), np.float64)
+        nll.append(-sum(logp[len(ctx) - 1 + j, t] for j, t in enumerate(tgt)))
+    assert f"perplexity {math.exp(np.mean(nll)):.2f} over 5 passages" in printed
+    assert main(args + ["--data-dir", str(tmp_path / "nowhere")]) == 2
+    assert "give --data-dir" in capsys.readouterr().err
