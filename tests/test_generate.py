@@ -302,3 +302,29 @@ def test_sample_cli_defaults_run_past_a_small_context(tmp_path):
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "[200 tokens in" in proc.stderr and len(proc.stdout) >= 200
+
+
+def test_sample_cli_defaults_fit_every_shipped_pretraining_context(monkeypatch, capsys):
+    """`gpt_jax.sample.main` with no options but --checkpoint (200 new tokens, temperature 0.8) runs on a
+    model with the context of each shipped pretraining config (fine-tuning configs take the model of
+    their init_from run, sst2_pretrain's), one layer wide enough to be quick."""
+    import dataclasses
+
+    from gpt_jax import sample
+    from gpt_jax.config import load_config
+    from gpt_jax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("\n abcdefghijklmnopqrstuvwxyz")
+    contexts = {}
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        config = load_config(path)
+        if config.mode == "pretrain":
+            contexts.setdefault(config.model.n_positions, []).append(path.name)
+    assert set(contexts) >= {64, 128, 256, 1024}, contexts
+    for n_positions, names in sorted(contexts.items()):
+        model = dataclasses.replace(TINY, n_layer=1, n_positions=n_positions, vocab_size=tok.vocab_size)
+        params = init_params(model, jax.random.key(0))
+        monkeypatch.setattr(sample, "load_for_sampling", lambda *_, m=model, p=params: (m, p, tok))
+        assert sample.main(["--checkpoint", "run"]) == 0, names
+        out, err = capsys.readouterr()
+        assert "[200 tokens in" in err and len(out) == 1 + 200, (names, err)  # the prompt "\n", then 200 characters
