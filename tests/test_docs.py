@@ -1,5 +1,6 @@
 """The README's Python blocks and the example notebook's cells run as written, and every public
-function takes parameters as `GPT(config).init(...)["params"]` returns them (boxed)."""
+function (generate, save_pretrained, the evaluate and zero-shot helpers) takes parameters as
+`GPT(config).init(...)["params"]` returns them (boxed)."""
 
 import contextlib
 import io
@@ -46,6 +47,8 @@ def test_public_functions_take_params_as_init_returns_them(tmp_path):
 
     from gpt_jax import GPT, GPTConfig, generate, load_pretrained, save_pretrained
     from gpt_jax.evaluate import continuation_logprobs, perplexity
+    from gpt_jax.tokenizer import CharTokenizer
+    from gpt_jax.zeroshot import lambada
 
     config = GPTConfig.preset("gpt2-tiny", n_layer=2, n_positions=16, vocab_size=50)
     boxed = GPT(config).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
@@ -61,3 +64,6 @@ def test_public_functions_take_params_as_init_returns_them(tmp_path):
     assert perplexity(config, boxed, ids, stride=8) == perplexity(config, plain, ids, stride=8)
     np.testing.assert_array_equal(continuation_logprobs(config, boxed, prompts, [[5, 6], [7]]),
                                   continuation_logprobs(config, plain, prompts, [[5, 6], [7]]))
+    tok = CharTokenizer.from_text("abcdefghijklmnopqrstuvwxyz ")
+    examples = [("the cat sat on the", "mat"), ("a quick brown", "fox")]
+    assert lambada(config, boxed, tok, examples) == lambada(config, plain, tok, examples)
