@@ -20,7 +20,8 @@ import time
 import jax
 import numpy as np
 
-from gpt_jax.config import Config, ConfigError, load_config
+from gpt_jax.cli import at_least, entry_point
+from gpt_jax.config import Config, load_config
 from gpt_jax.flops import device_peak_flops, flops_per_token, flops_per_token_llmc
 from gpt_jax.generate import generate
 from gpt_jax import attention
@@ -108,23 +109,20 @@ def scan_table(config: Config, depths, steps: int = 3) -> list[dict]:
     return rows
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--gen-batch", type=int, default=1)
-    parser.add_argument("--gen-prompt", type=int, default=None, help="prompt tokens (default: a quarter of the context)")
-    parser.add_argument("--gen-new", type=int, default=None, help="new tokens (default: a quarter of the context)")
+    parser.add_argument("--steps", type=at_least(1), default=10)
+    parser.add_argument("--gen-batch", type=at_least(1), default=1)
+    parser.add_argument("--gen-prompt", type=at_least(1), help="prompt tokens (default: a quarter of the context)")
+    parser.add_argument("--gen-new", type=at_least(1), help="new tokens (default: a quarter of the context)")
     parser.add_argument("--no-generate", action="store_true")
-    parser.add_argument("--scan-table", type=int, nargs="*", default=None, metavar="N_LAYER")
+    parser.add_argument("--scan-table", type=at_least(1), nargs="*", default=None, metavar="N_LAYER")
     parser.add_argument("--json", default=None, help="write the results here too")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
     mc, device = config.model, jax.devices()[0]
     print(f"device: {device.platform} ({device.device_kind}) x {jax.device_count()}, {platform.machine()}; "
           f"model {mc.n_layer} layers x {mc.n_embd}, {mc.n_head} heads, vocab {mc.vocab_size}, "

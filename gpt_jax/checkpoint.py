@@ -1,74 +1,204 @@
 """Orbax checkpoints of the whole training state, saved asynchronously; the last N and the best kept.
 
 A checkpoint holds the train state (params, optimizer state, step, RNG) and a JSON part (sampler
-state, resolved config, best validation loss). Orbax writes each step to a temporary folder and
-renames it when complete, so a run killed mid-save leaves no half checkpoint under a step name.
-A finished checkpoint whose files were damaged fails to restore; `restore_latest` reports it and
-falls back to the previous one, moving the damaged one to `corrupt/` in the run directory.
+state, resolved config, best validation loss, and a checksum of every array). Orbax writes each
+step to a temporary folder and renames it when complete, so a run killed mid-save leaves no half
+checkpoint under a step name.
+
+`restore_latest` tells two failures apart. A checkpoint that cannot be read (damaged or partial
+files, an array whose checksum differs) is reported and moved to `corrupt/` in the run directory,
+and the one before it is tried. A readable checkpoint that does not belong to the command (its
+saved config or its arrays differ from what the command builds) stops the command with RunDirError
+and is left as it is.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
+import traceback
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from gpt_jax.distributed import barrier
+from gpt_jax.rundir import RunDirError
+
+_UINT = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}
+
+
+@jax.jit
+def checksums(tree):
+    """Per array: the sum of its bits (as unsigned words) times odd weights 2 * index + 1, mod 2^32.
+    Any single flipped bit changes it (2^k times an odd number is never 0 mod 2^32)."""
+    def one(x):
+        x = x.astype(jnp.uint8) if x.dtype == jnp.bool_ else x
+        bits = jax.lax.bitcast_convert_type(x, _UINT.get(x.dtype.itemsize, jnp.uint8)).astype(jnp.uint32)
+        index = jnp.zeros(bits.shape, jnp.uint32)
+        for d, n in enumerate(bits.shape):
+            index = index * n + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, d)
+        return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+
+    return jax.tree.map(one, tree)
+
+
+def _path(keys) -> str:
+    return ".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in keys)
+
+
+def _named_checksums(tree) -> dict[str, int]:
+    values = jax.device_get(checksums(tree))
+    return {_path(p): int(v) for p, v in jax.tree_util.tree_flatten_with_path(values)[0]}
+
+
+def array_differences(saved_tree, target) -> list[str]:
+    """How the saved arrays (orbax tree metadata) differ from `target`'s: names, shapes, dtypes."""
+    def arrays(tree):
+        return {_path(p): (tuple(x.shape), str(jnp.dtype(x.dtype))) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    saved, now = arrays(saved_tree), arrays(target)
+    out = [f"{k}: saved {saved[k][0]} {saved[k][1]}, now {now[k][0]} {now[k][1]}"
+           for k in sorted(saved.keys() & now.keys()) if saved[k] != now[k]]
+    only_saved, only_now = sorted(saved.keys() - now.keys()), sorted(now.keys() - saved.keys())
+    if only_saved:
+        out.append(f"{len(only_saved)} array(s) only in the checkpoint, e.g. {only_saved[0]}")
+    if only_now:
+        out.append(f"{len(only_now)} array(s) only in this command's state, e.g. {only_now[0]}")
+    return out
+
+
+class _Unreadable(Exception):
+    """A checkpoint whose files cannot be read as the checkpoint they claim to be."""
+
+
+class _ReportedErrorLogs(logging.Filter):
+    """Drops the ERROR records (with tracebacks) that orbax's writer threads and asyncio log for a
+    failed file-system write (TensorStore marks those os_error_code=N): orbax raises the same error
+    again in the thread that waits for the save, which reports it once. Likewise orbax's "Failed to
+    read Metadata file" of a damaged checkpoint, which `restore_latest` reports itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage() + "".join(traceback.format_exception(*record.exc_info) if record.exc_info else [])
+        return record.levelno < logging.ERROR or not any(s in text for s in ("os_error_code=", "Metadata file"))
+
+
+def _quiet_known_noise() -> None:
+    """Once per process: the logs above, and the "Event loop is closed" unraisable exceptions of
+    TensorStore reads still in flight when a failed restore has closed orbax's event loop (the
+    failure itself is reported). Other records and unraisable exceptions pass."""
+    previous = sys.unraisablehook
+    if getattr(previous, "gpt_jax_quiet", False):
+        return
+
+    def hook(unraisable):
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.gpt_jax_quiet = True
+    sys.unraisablehook = hook
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_ReportedErrorLogs())
 
 
 class Checkpointer:
-    def __init__(self, run_dir, keep: int = 2):
+    def __init__(self, run_dir, keep: int = 2, read_only: bool = False):
+        """`read_only`: a reader (sampling, evaluation) skips unreadable checkpoints without moving them."""
         run_dir = Path(run_dir).resolve()
+        self.read_only = read_only
+        _quiet_known_noise()
 
         def manager(name, keep_n):
-            options = ocp.CheckpointManagerOptions(max_to_keep=keep_n, create=True, cleanup_tmp_directories=True,
+            options = ocp.CheckpointManagerOptions(max_to_keep=keep_n, create=not read_only,
+                                                   cleanup_tmp_directories=not read_only,
                                                    enable_async_checkpointing=True,
                                                    # two managers save the same step at once: distinct barriers
                                                    multiprocessing_options=ocp.options.MultiprocessingOptions(
                                                        barrier_sync_key_prefix=name))
-            return ocp.CheckpointManager(run_dir / name, options=options)
+            handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+            return ocp.CheckpointManager(run_dir / name, options=options, item_handlers=handlers)
 
         self.last, self.best = manager("checkpoints", keep), manager("best", 1)
 
-    @staticmethod
-    def _args(state, meta):
-        return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-
     def save(self, step: int, state, meta: dict, best: bool = False) -> None:
         """Start an asynchronous save of `state` at `step` (and as the best one if `best`)."""
-        managers = [self.last, self.best] if best else [self.last]
-        for manager in managers:
+        meta = {**meta, "checksums": _named_checksums(state)}
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        for manager in [self.last, self.best] if best else [self.last]:
             if step in manager.all_steps():  # a resumed run retraces steps a later checkpoint had reached
                 manager.wait_until_finished()
                 manager.delete(step)
-            manager.save(step, args=self._args(state, meta), force=True)
+            manager.save(step, args=args, force=True)
 
     def steps(self) -> list[int]:
         return sorted(self.last.all_steps())
 
-    def restore_latest(self, abstract_state, manager=None):
-        """(state, meta, step) of the newest checkpoint that restores, or None when there is none."""
+    def restore_latest(self, abstract_state, manager=None, check=None):
+        """(state, meta, step) of the newest checkpoint that restores, or None when there is none.
+
+        `check(meta, differences)` may raise to refuse a checkpoint that belongs to another run;
+        `differences` lists how its arrays differ from `abstract_state`'s. Without `check`, such a
+        difference raises RunDirError; with it, a difference `check` accepts counts as damage."""
         manager = manager or self.last
         for step in sorted(manager.all_steps(), reverse=True):
             try:
-                restored = manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-                return restored["state"], restored["meta"], step
-            except Exception as e:  # a damaged or partial checkpoint: say so, move it aside, use the one before
-                aside = Path(manager.directory).parent / "corrupt" / f"{Path(manager.directory).name}-{step}"
-                if jax.process_index() == 0:  # one process moves it; the others wait and see it gone
-                    aside.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.rmtree(aside, ignore_errors=True)
-                    shutil.move(str(Path(manager.directory) / str(step)), aside)
-                barrier(f"gpt_jax: checkpoint {step} moved aside")
-                manager.reload()
-                print(f"checkpoint at step {step} in {manager.directory} cannot be restored "
-                      f"({type(e).__name__}: {str(e)[:200]}); moved it to {aside} and trying the previous one",
-                      file=sys.stderr)
+                meta, saved_tree = self._read_meta(manager, step)
+                differences = array_differences(saved_tree, abstract_state)
+                if check is not None:
+                    check(meta, differences)
+                elif differences:
+                    raise RunDirError(f"the checkpoint at step {step} in {manager.directory} holds other arrays than "
+                                      f"its run's config.yaml describes: {'; '.join(differences[:3])}")
+                if differences:
+                    raise _Unreadable(f"its arrays disagree with its own saved config: {'; '.join(differences[:2])}")
+                state = self._read_state(manager, step, abstract_state)
+                expected = meta.pop("checksums", None)
+                if expected is not None:
+                    bad = [k for k, v in _named_checksums(state).items() if expected.get(k) != v]
+                    if bad:
+                        raise _Unreadable(f"{len(bad)} array(s) do not match their checksums, e.g. {bad[0]}")
+                return state, meta, step
+            except _Unreadable as e:
+                self._set_aside(manager, step, str(e))
         return None
+
+    @staticmethod
+    def _read_meta(manager, step):
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            saved_tree = manager.item_metadata(step)["state"]
+        except Exception as e:  # noqa: BLE001 - whatever orbax raises for a file it cannot parse
+            raise _Unreadable(f"{type(e).__name__}: {str(e)[:200]}") from e
+        if not isinstance(meta, dict) or saved_tree is None:
+            raise _Unreadable("its metadata is missing")
+        return meta, saved_tree
+
+    @staticmethod
+    def _read_state(manager, step, abstract_state):
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+        except (MemoryError, PermissionError, jax.errors.JaxRuntimeError):
+            raise  # the machine's trouble, not the checkpoint's
+        except Exception as e:  # noqa: BLE001 - damaged array files fail in many ways inside TensorStore
+            raise _Unreadable(f"{type(e).__name__}: {str(e)[:200]}") from e
+        return restored["state"]
+
+    def _set_aside(self, manager, step: int, reason: str) -> None:
+        """Report an unreadable checkpoint; the run that owns the directory moves it to corrupt/."""
+        where = f"checkpoint at step {step} in {manager.directory} cannot be restored ({reason})"
+        if self.read_only:
+            print(f"{where}; trying the previous one", file=sys.stderr)
+            return
+        aside = Path(manager.directory).parent / "corrupt" / f"{Path(manager.directory).name}-{step}"
+        if jax.process_index() == 0:  # one process moves it; the others wait and see it gone
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(aside, ignore_errors=True)
+            shutil.move(str(Path(manager.directory) / str(step)), aside)
+        barrier(f"gpt_jax: checkpoint {step} moved aside")
+        manager.reload()
+        print(f"{where}; moved it to {aside} and trying the previous one", file=sys.stderr)
 
     def wait(self) -> None:
         self.last.wait_until_finished()

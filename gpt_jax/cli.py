@@ -1,39 +1,132 @@
-"""What train.py calls: load the config, train, turn known errors into one clear line."""
+"""What every command line shares: expected failures become one line on stderr and an exit code.
+
+    2  a setting, input file, data source, tokenizer or prompt is wrong (argparse's code too)
+    3  training stopped on a non-finite loss
+    4  the run directory is in use, or holds a run or checkpoint that does not match the command
+    5  the file system refused: permission denied, read-only, no space left, not a directory
+    6  a weights file is unsafe or malformed
+
+Anything else is a bug and keeps its traceback (exit 1).
+"""
 
 from __future__ import annotations
 
+import argparse
+import errno
+import functools
+import os
+import re
 import signal
 import sys
 
-from gpt_jax.config import ConfigError, load_config
-from gpt_jax.data import DataError
-from gpt_jax.tokenizer import TokenizerError
+EXIT_USAGE, EXIT_NONFINITE, EXIT_RUN, EXIT_FILESYSTEM, EXIT_WEIGHTS = 2, 3, 4, 5, 6
+
+# (module, class, exit code), most specific first; subclasses count too. Classes are matched by name,
+# so nothing is imported to check, and a module run as `python -m` (__main__) still matches.
+_EXPECTED = (
+    ("gpt_jax.pretrained", "WeightsError", EXIT_WEIGHTS),
+    ("gpt_jax.rundir", "RunDirError", EXIT_RUN),
+    ("gpt_jax.checkpoint", "CheckpointError", EXIT_RUN),
+    ("gpt_jax.config", "ConfigError", EXIT_USAGE),
+    ("gpt_jax.data", "DataError", EXIT_USAGE),
+    ("gpt_jax.tokenizer", "TokenizerError", EXIT_USAGE),
+    ("gpt_jax.generate", "GenerateError", EXIT_USAGE),
+    ("builtins", "FloatingPointError", EXIT_NONFINITE),
+)
+_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+_FILESYSTEM = _SPACE | {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR}
 
 
+def _filesystem_error(e: BaseException) -> str | None:
+    """One line for a refusal of the file system anywhere in the exception's chain, else None. Orbax's
+    TensorStore writes raise ValueError with the errno in the text (os_error_code='28')."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code, path = (e.errno, e.filename) if isinstance(e, OSError) else (None, None)
+        if code is None and (m := re.search(r"os_error_code='(\d+)'", str(e))):
+            code, quoted = int(m.group(1)), re.search(r'"(/[^"]+)"', str(e))
+            path = quoted and quoted.group(1)
+        if code in _FILESYSTEM:
+            where = f": {path}" if path else ""
+            fix = ("free some space or point train.out_dir / data.cache_dir elsewhere, then rerun the same "
+                   "command (a run resumes from its last complete checkpoint)") if code in _SPACE else \
+                "check the path and its permissions, or choose another location"
+            return f"{os.strerror(code)}{where}; {fix}"
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _module(cls) -> str:
+    if cls.__module__ == "__main__":  # python -m gpt_jax.data: the module's real name is in its spec
+        return getattr(getattr(sys.modules["__main__"], "__spec__", None), "name", "__main__")
+    return cls.__module__
+
+
+def explain(e: BaseException) -> tuple[int, str] | None:
+    """(exit code, message) for an expected failure, None for anything else."""
+    classes = {(_module(c), c.__qualname__) for c in type(e).__mro__}
+    for module, name, code in _EXPECTED:
+        if (module, name) in classes:
+            return code, str(e)
+    message = _filesystem_error(e)
+    return (EXIT_FILESYSTEM, message) if message else None
+
+
+def entry_point(main):
+    """Wrap a command's main: an expected failure prints `error: ...` (one line) and returns its code."""
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs) -> int:
+        try:
+            return main(*args, **kwargs)
+        except Exception as e:
+            known = explain(e)
+            if known is None:
+                raise
+            print(f"error: {known[1]}", file=sys.stderr, flush=True)
+            return known[0]
+
+    return wrapped
+
+
+def at_least(low: int):
+    """An argparse type: an integer >= low."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+@entry_point
 def run_training(config_path, overrides, dry_run: bool = False) -> int:
-    try:
-        config = load_config(config_path, overrides)
-        from gpt_jax.distributed import initialize
+    """What train.py calls: load the config, train (or fine-tune), report."""
+    from gpt_jax.config import load_config
 
-        initialize(config.parallel)  # multi-host: before anything touches a device
-        from gpt_jax.trainer import dry_run as compile_only, sample_text, train
+    config = load_config(config_path, overrides)
+    from gpt_jax.distributed import initialize
 
-        if dry_run:
-            compile_only(config)
-            return 0
-        if config.mode == "finetune":
-            from gpt_jax.finetune import finetune
+    initialize(config.parallel)  # multi-host: before anything touches a device
+    from gpt_jax.trainer import dry_run as compile_only, sample_text, train
 
-            result = finetune(config)
-            best = result["best_dev_accuracy"]
-            print(f"done: {len(result['epochs'])} epochs, {result['seconds']:.0f} s"
-                  + (f", best dev accuracy {best:.4f}" if best is not None else "")
-                  + f"; run in {result['run_dir']}")
-            return 0
-        result = train(config)
-    except (ConfigError, DataError, TokenizerError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if not isinstance(e, FloatingPointError) else 3
+    if dry_run:
+        compile_only(config)
+        return 0
+    if config.mode == "finetune":
+        from gpt_jax.finetune import finetune
+
+        result = finetune(config)
+        best = result["best_dev_accuracy"]
+        print(f"done: {len(result['epochs'])} epochs, {result['seconds']:.0f} s"
+              + (f", best dev accuracy {best:.4f}" if best is not None else "")
+              + f"; run in {result['run_dir']}")
+        return 0
+    result = train(config)
     if result["interrupted"]:
         return 128 + signal.Signals[result["interrupted"]].value
     import jax

@@ -2,7 +2,8 @@
 
 A run config is one YAML file mapped onto `Config` (sections `model`, `data`, `optim`, `train`,
 `parallel`). Every key is checked: an unknown key names itself and the closest valid key, a wrong
-type names the key, the expected type and the value given. Nothing is compiled before this passes.
+type names the key, the expected type and the value given, and every number must lie in its range
+in `RANGES`. Nothing is compiled before this passes.
 """
 
 from __future__ import annotations
@@ -24,8 +25,68 @@ class ConfigError(ValueError):
 
 Activation = Literal["gelu_tanh", "gelu", "relu", "silu"]
 
+# The valid range of every numeric setting: "[a, b)" intervals (inf for no bound), "or" for a special
+# value. A section checks its own when it is built, before any cross-key check; None values are unset.
+RANGES = {
+    "model": {"vocab_size": "[1, inf)", "n_positions": "[1, inf)", "n_embd": "[1, inf)", "n_layer": "[1, inf)",
+              "n_head": "[1, inf)", "n_inner": "[1, inf)", "layer_norm_epsilon": "(0, inf)",
+              "embd_pdrop": "[0, 1)", "attn_pdrop": "[0, 1)", "resid_pdrop": "[0, 1)", "initializer_range": "[0, inf)",
+              "pad_vocab_multiple": "[1, inf)"},
+    "data": {"sentencepiece_vocab_size": "[1, inf)", "val_fraction": "(0, 1)"},
+    "optim": {"lr": "(0, inf)", "min_lr": "[0, inf)", "warmup_steps": "[0, inf)", "decay_steps": "[1, inf)",
+              "weight_decay": "[0, inf)", "beta1": "[0, 1)", "beta2": "[0, 1)", "eps": "(0, inf)",
+              "grad_clip": "[0, inf)", "grad_accum": "[1, inf)"},
+    "train": {"seed": "[0, inf)", "batch_size": "[1, inf)", "steps": "[1, inf)", "eval_every": "[1, inf)",
+              "eval_batches": "[1, inf)", "log_every": "[1, inf)", "save_every": "[1, inf)",
+              "keep_checkpoints": "[1, inf)", "sample_tokens": "[0, inf)", "sample_temperature": "[0, inf)"},
+    "parallel": {"data": "[1, inf) or -1", "fsdp": "[1, inf)", "tensor": "[1, inf)", "num_processes": "[1, inf)",
+                 "process_id": "[0, inf)"},
+    "finetune": {"max_examples": "[1, inf)", "lm_coef": "[0, inf)", "clf_pdrop": "[0, 1)", "dropout": "[0, 1)",
+                 "lr": "(0, inf)", "batch_size": "[1, inf)", "epochs": "[1, inf)", "warmup_fraction": "[0, 1)",
+                 "weight_decay": "[0, inf)", "max_length": "[4, inf)"},
+}
+
+
+def _in_range(value, spec: str) -> bool:
+    interval, _, special = spec.partition(" or ")
+    if special and value == float(special):
+        return True
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    return (lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)
+
+
+def _range_text(spec: str) -> str:
+    """"[1, inf)" -> ">= 1", "(0, inf)" -> "> 0", else "in [0, 1)"."""
+    interval, _, special = spec.partition(" or ")
+    lo, hi = (x.strip() for x in interval[1:-1].split(","))
+    text = (">= " if interval[0] == "[" else "> ") + lo if hi == "inf" else f"in {interval}"
+    return text + (f" (or {special})" if special else "")
+
+
+def _checked(section: str, *checks):
+    """Class decorator (under @dataclass): building the section checks RANGES[section], then `checks`
+    (functions of the instance that raise ConfigError), then the class's own __post_init__."""
+    def wrap(cls):
+        own = cls.__dict__.get("__post_init__")
+
+        def __post_init__(self):
+            for name, spec in RANGES.get(section, {}).items():
+                value = getattr(self, name)
+                if value is not None and not _in_range(value, spec):
+                    raise ConfigError(f"{section}.{name} must be {_range_text(spec)}, got {value}")
+            for check in checks:
+                check(self)
+            if own is not None:
+                own(self)
+
+        cls.__post_init__ = __post_init__
+        return cls
+
+    return wrap
+
 
 @dataclass(frozen=True)
+@_checked("model")
 class GPTConfig:
     """Model shape and numerics. GPT-2 is pre-LN with a final LayerNorm; GPT-1 is post-LN without."""
 
@@ -56,19 +117,11 @@ class GPTConfig:
     pad_vocab_multiple: int = 1
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be positive, got {getattr(self, name)}")
         if self.n_embd % self.n_head:
             raise ConfigError(
                 f"model.n_embd={self.n_embd} is not divisible by model.n_head={self.n_head}; "
                 f"pick n_head among {[h for h in range(1, 65) if self.n_embd % h == 0]}"
             )
-        for name in ("embd_pdrop", "attn_pdrop", "resid_pdrop"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"model.{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.pad_vocab_multiple < 1:
-            raise ConfigError(f"model.pad_vocab_multiple must be >= 1 (1: no padding), got {self.pad_vocab_multiple}")
         if self.attention == "cudnn" and self.dtype == "float32":
             raise ConfigError("model.attention=cudnn needs model.dtype bfloat16 or float16 (cuDNN's flash kernel "
                               "takes no float32); set model.dtype=bfloat16, or attention auto / pallas / xla")
@@ -114,6 +167,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 @dataclass(frozen=True)
+@_checked("data")
 class DataConfig:
     source: str = "python-stdlib"  # text file, directory, glob, URL, or "python-stdlib"
     tokenizer: Literal["char", "gpt2", "gpt1", "sentencepiece"] = "char"
@@ -123,7 +177,14 @@ class DataConfig:
     cache_dir: str = "data_cache"
 
 
+def _min_lr_below_lr(o) -> None:
+    if o.schedule != "constant" and o.min_lr > o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} is above optim.lr={o.lr}: the {o.schedule} schedule decays "
+                          f"from lr to min_lr; set optim.min_lr <= {o.lr}")
+
+
 @dataclass(frozen=True)
+@_checked("optim", _min_lr_below_lr)
 class OptimConfig:
     lr: float = 6e-4
     min_lr: float = 6e-5
@@ -138,7 +199,20 @@ class OptimConfig:
     grad_accum: int = 1
 
 
+def _out_dir_usable(t) -> None:
+    """train.out_dir is a directory or can become one: not a file, and not under one."""
+    path = Path(t.out_dir)
+    if not t.out_dir:
+        raise ConfigError("train.out_dir is empty; name the run directory, e.g. train.out_dir=runs/NAME")
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"train.out_dir={t.out_dir} is an existing file, not a directory; choose another train.out_dir")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise ConfigError(f"train.out_dir={t.out_dir} lies under {parent}, which is a file; choose another train.out_dir")
+
+
 @dataclass(frozen=True)
+@_checked("train", _out_dir_usable)
 class TrainConfig:
     seed: int = 0
     batch_size: int = 12  # global batch, in sequences per optimizer step
@@ -155,6 +229,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+@_checked("parallel")
 class ParallelConfig:
     strategy: Literal["single", "pmap", "mesh"] = "single"
     data: int = -1  # mesh axis sizes; -1 fills the remaining devices
@@ -173,6 +248,7 @@ TASKS = ("classification", "entailment", "similarity", "multiple_choice")
 
 
 @dataclass(frozen=True)
+@_checked("finetune")
 class FinetuneConfig:
     """GPT-1-style supervised fine-tuning (`mode: finetune`). Defaults follow the GPT-1 paper."""
 
@@ -198,11 +274,6 @@ class FinetuneConfig:
     max_length: Optional[int] = None  # tokens per sequence, special tokens included; None: the context
 
     def __post_init__(self):
-        for name in ("lr", "batch_size", "epochs"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"finetune.{name} must be positive, got {getattr(self, name)}")
-        if self.lm_coef < 0:
-            raise ConfigError(f"finetune.lm_coef must be >= 0, got {self.lm_coef}")
         if not isinstance(self.fields, dict) or not all(isinstance(k, str) for k in self.fields):
             raise ConfigError(f"finetune.fields must map roles to column names, got {self.fields!r}")
         unknown = set(self.fields) - {"text", "text_b", "choices", "label"}

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from gpt_jax.cli import entry_point
 from gpt_jax.config import DataConfig
 from gpt_jax.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
 
@@ -101,19 +102,42 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _decode(decoder, raw: bytes, path: Path, offset: int) -> str:
+    """UTF-8 text of `raw` (bytes from `offset` of `path`), or a DataError: a corpus is text."""
+    try:
+        text = decoder.decode(raw, final=not raw)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not UTF-8 text (undecodable bytes near byte {offset + e.start}); "
+                        "give text files only, or convert it (e.g. iconv -t utf-8)") from None
+    if "\x00" in text:
+        raise DataError(f"{path} holds NUL bytes near byte {offset + text.index(chr(0))}: it is "
+                        "binary, not text; give text files only")
+    return text
+
+
+def read_text(path) -> str:
+    """The text of a user's input file, or one DataError line: missing, not UTF-8, or binary."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} does not exist (or is not a file)")
+    decoder, raw = codecs.getincrementaldecoder("utf-8")(), path.read_bytes()
+    return _decode(decoder, raw, path, 0) + _decode(decoder, b"", path, len(raw))  # b"": the final flush
+
+
 def _text_chunks(path: Path, start: int = 0, stop: int | None = None):
     """Decoded text of bytes [start, stop) of a file, in chunks that end at a line start."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder = codecs.getincrementaldecoder("utf-8")()
     carry = ""
     with open(path, "rb") as f:
         f.seek(start)
         remaining = (stop - start) if stop is not None else None
         while True:
             n = CHUNK_BYTES if remaining is None else min(CHUNK_BYTES, remaining)
+            offset = f.tell()
             raw = f.read(n) if n else b""
             if remaining is not None:
                 remaining -= len(raw)
-            text = carry + decoder.decode(raw, final=not raw)
+            text = carry + _decode(decoder, raw, path, offset)
             if not raw:
                 if text:
                     yield text
@@ -184,8 +208,6 @@ def _cache_key(cfg: DataConfig, files: list[Path], hashes: list[str]) -> str:
 
 def prepare(cfg: DataConfig, verbose: bool = True) -> PreparedData:
     """Tokenize `cfg.source` into cached train.bin / val.bin (+ manifest.json); reuse a matching cache."""
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise DataError(f"data.val_fraction must be in (0, 1), got {cfg.val_fraction}")
     cache_dir = Path(cfg.cache_dir)
     files = resolve_source(cfg.source, cache_dir)
     hashes = [_sha256(f) for f in files]
@@ -220,7 +242,7 @@ def prepare(cfg: DataConfig, verbose: bool = True) -> PreparedData:
                     ids = np.asarray(tok.encode(chunk), dtype)
                     ids.tofile(sink)
                     counts[split] += len(ids)
-                    bar.update(len(chunk.encode("utf-8", errors="replace")))
+                    bar.update(len(chunk.encode("utf-8")))
                 if tok.eot_id is not None and len(files) > 1 and (stop is None):
                     np.asarray([tok.eot_id], dtype).tofile(sink)  # document boundary
                     counts[split] += 1
@@ -239,6 +261,21 @@ def prepare(cfg: DataConfig, verbose: bool = True) -> PreparedData:
     return PreparedData(out, tok, manifest)
 
 
+def check_windows(tokens: np.ndarray, block_size: int, batch_size: int, split: str = "train") -> None:
+    """A DataError unless `tokens` make one batch of windows of `block_size + 1` tokens from any
+    epoch offset (the sampler starts each epoch up to `block_size` tokens in)."""
+    if (len(tokens) - block_size - 1) // (block_size + 1) < batch_size:
+        fix = "raise data.val_fraction" if split == "val" else "use more text"
+        raise DataError(f"the {split} split ({len(tokens):,} tokens) is smaller than one batch of {batch_size} windows "
+                        f"of {block_size + 1} tokens; {fix}, or lower train.batch_size or model.n_positions")
+
+
+def check_batches(data: PreparedData, block_size: int, batch_size: int) -> None:
+    """Both splits of `data` hold a batch (checked before a run directory is touched)."""
+    for split in ("train", "val"):
+        check_windows(data.tokens(split), block_size, batch_size, split)
+
+
 class Sampler:
     """Deterministic batches of windows; the state is (epoch, cursor), saved in checkpoints.
 
@@ -254,9 +291,7 @@ class Sampler:
             raise DataError(f"global batch {batch_size} does not divide across {process_count} processes")
         self.tokens, self.T, self.B, self.seed = tokens, block_size, batch_size, seed
         self.rows = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
-        if (len(tokens) - 1) // (block_size + 1) < batch_size:
-            raise DataError(f"{len(tokens)} tokens make fewer than one batch of {batch_size} windows of "
-                            f"{block_size + 1} tokens; use more data, a smaller train.batch_size or model.n_positions")
+        check_windows(tokens, block_size, batch_size)
         self.epoch, self.cursor = epoch, cursor
         self._order_epoch, self._order, self._offset = None, None, 0
 
@@ -285,19 +320,16 @@ class Sampler:
 def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, n_batches: int, seed: int = 1234,
                  process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
     """A fixed set of validation batches (the same every evaluation and every run)."""
+    check_windows(tokens, block_size, batch_size, "val")
     n_windows = (len(tokens) - 1) // (block_size + 1)
-    if n_windows < batch_size:
-        raise DataError(f"the validation split ({len(tokens)} tokens) is smaller than one batch of {batch_size} x "
-                        f"{block_size + 1}; raise data.val_fraction or lower train.batch_size")
     sampler = Sampler(tokens, block_size, batch_size, seed, process_index, process_count)
     return [sampler.next() for _ in range(min(n_batches, n_windows // batch_size))]
 
 
+@entry_point
 def main(argv=None) -> int:
     """python -m gpt_jax.data SOURCE [--tokenizer KIND] [--tokenizer-path P] [--cache-dir D]"""
     import argparse
-
-    from gpt_jax.tokenizer import TokenizerError
 
     parser = argparse.ArgumentParser(description="Tokenize a corpus into cached train.bin / val.bin files.")
     parser.add_argument("source", help="text file, directory, glob, URL, or python-stdlib")
@@ -306,12 +338,8 @@ def main(argv=None) -> int:
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--cache-dir", default="data_cache")
     args = parser.parse_args(argv)
-    try:
-        prepared = prepare(DataConfig(source=args.source, tokenizer=args.tokenizer, tokenizer_path=args.tokenizer_path,
-                                      val_fraction=args.val_fraction, cache_dir=args.cache_dir))
-    except (DataError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    prepared = prepare(DataConfig(source=args.source, tokenizer=args.tokenizer, tokenizer_path=args.tokenizer_path,
+                                  val_fraction=args.val_fraction, cache_dir=args.cache_dir))
     m = prepared.manifest
     print(f"{m['train_tokens']:,} train / {m['val_tokens']:,} val tokens ({m['dtype']}) in {prepared.dir}")
     return 0

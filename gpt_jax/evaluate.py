@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt_jax.cli import at_least, entry_point
 from gpt_jax.config import ConfigError, GPTConfig
-from gpt_jax.data import DataError
+from gpt_jax.data import DataError, read_text
 from gpt_jax.model import GPT
-from gpt_jax.tokenizer import TokenizerError
 
 
 def _scorer(config: GPTConfig, with_argmax: bool = False):
@@ -67,7 +67,7 @@ def perplexity(config: GPTConfig, params, ids, stride: int | None = None, batch_
     if ids.max() >= config.vocab_size or ids.min() < 0:
         raise DataError(f"token ids must be in [0, {config.vocab_size}); this tokenizer does not match the model")
     C = config.n_positions
-    stride = stride or C
+    stride = C if stride is None else stride
     windows = sliding_windows(len(ids), C, stride)
     score = _scorer(config)
     nll, count = 0.0, 0
@@ -145,6 +145,7 @@ def choice_accuracy(config, params, tokenizer, records, *, text_field="sentence"
     return {"accuracy": float((pred == np.array(gold)).mean()), "n": len(gold), "predictions": pred}
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a training run directory or a Hugging Face directory")
@@ -152,7 +153,7 @@ def main(argv=None) -> int:
     sub = parser.add_subparsers(dest="what", required=True)
     ppl = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
     ppl.add_argument("--input", required=True)
-    ppl.add_argument("--stride", type=int, help="tokens the window moves each time (default: the context)")
+    ppl.add_argument("--stride", type=at_least(1), help="tokens the window moves each time (default: the context)")
     ch = sub.add_parser("choice", help="zero-shot classification / multiple choice by likelihood")
     ch.add_argument("--input", required=True, help="TSV (header row) or JSONL")
     ch.add_argument("--text-field", default="sentence")
@@ -166,43 +167,34 @@ def main(argv=None) -> int:
     bench.add_argument("--split", default="test")
     bench.add_argument("--data-dir", help="the folder holding wikitext-2/, ptb/, lambada/ (default $GPT_JAX_DATA "
                        "or ../shared/data)")
-    bench.add_argument("--stride", type=int, help="WikiText / PTB: tokens the window moves (default: the context)")
+    bench.add_argument("--stride", type=at_least(1),
+                       help="WikiText / PTB: tokens the window moves (default: the context)")
     args = parser.parse_args(argv)
-    try:
-        from gpt_jax.sample import load_for_sampling
+    from gpt_jax.sample import load_for_sampling
 
-        if args.what == "benchmark":
-            from gpt_jax import zeroshot
+    if args.what == "benchmark":
+        from gpt_jax import zeroshot
 
-            zeroshot.data_file(args.name, args.split, args.data_dir)  # a missing file before the model loads
-            config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer)
-            print(zeroshot.describe(zeroshot.run(args.name, config, params, tok, args.split, args.data_dir,
-                                                 args.stride)))
-            return 0
+        zeroshot.data_file(args.name, args.split, args.data_dir)  # a missing file before the model loads
         config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer)
-        if args.what == "perplexity":
-            from pathlib import Path
+        print(zeroshot.describe(zeroshot.run(args.name, config, params, tok, args.split, args.data_dir, args.stride)))
+        return 0
+    config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer)
+    if args.what == "perplexity":
+        r = perplexity(config, params, tok.encode(read_text(args.input)), args.stride)
+        print(f"perplexity {r['perplexity']:.4f} (nll {r['nll']:.4f} per token) over {r['tokens']:,} tokens, "
+              f"{r['windows']} windows of up to {config.n_positions} tokens, stride {args.stride or config.n_positions}")
+    else:
+        from gpt_jax.finetune import read_records
 
-            path = Path(args.input)
-            if not path.is_file():
-                raise DataError(f"{path} does not exist")
-            r = perplexity(config, params, tok.encode(path.read_text()), args.stride)
-            print(f"perplexity {r['perplexity']:.4f} (nll {r['nll']:.4f} per token) over {r['tokens']:,} tokens, "
-                  f"{r['windows']} windows of up to {config.n_positions} tokens, stride {args.stride or config.n_positions}")
-        else:
-            from gpt_jax.finetune import read_records
-
-            if not args.choices_field and not (args.labels and args.candidates
-                                               and len(args.labels) == len(args.candidates)):
-                raise ConfigError("choice needs --choices-field (multiple choice) or --labels and --candidates "
-                                  "of the same length (classification)")
-            r = choice_accuracy(config, params, tok, read_records(args.input), text_field=args.text_field,
-                                label_field=args.label_field, labels=args.labels, candidates=args.candidates,
-                                choices_field=args.choices_field, template=args.template, path=args.input)
-            print(f"zero-shot accuracy {r['accuracy']:.4f} on {r['n']} examples")
-    except (ConfigError, DataError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        if not args.choices_field and not (args.labels and args.candidates
+                                           and len(args.labels) == len(args.candidates)):
+            raise ConfigError("choice needs --choices-field (multiple choice) or --labels and --candidates "
+                              "of the same length (classification)")
+        r = choice_accuracy(config, params, tok, read_records(args.input), text_field=args.text_field,
+                            label_field=args.label_field, labels=args.labels, candidates=args.candidates,
+                            choices_field=args.choices_field, template=args.template, path=args.input)
+        print(f"zero-shot accuracy {r['accuracy']:.4f} on {r['n']} examples")
     return 0
 
 

@@ -33,10 +33,11 @@ import optax
 from tqdm import tqdm
 
 from gpt_jax.config import Config, ConfigError, FinetuneConfig, GPTConfig, save_config
-from gpt_jax.data import DataError
+from gpt_jax.data import DataError, read_text
 from gpt_jax.hub import local_path
 from gpt_jax.model import GPT, init_params
 from gpt_jax.optim import decay_mask
+from gpt_jax.rundir import check_new_run_dir, lock_new_run_dir
 
 SPECIAL_TOKENS = ("_start_", "_delimiter_", "_classify_")
 DEFAULT_FIELDS = {"text": "sentence", "label": "label"}
@@ -101,6 +102,7 @@ def read_records(path, fmt: str = "auto") -> list[tuple[int, dict]]:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"task file {path} does not exist; set finetune.train_file / dev_file (or --input)")
+    read_text(path)  # not UTF-8 text, or binary: one line naming the file
     fmt = _file_format(path, fmt)
     records = []
     with open(path, encoding="utf-8", newline="") as f:
@@ -351,8 +353,7 @@ def finetune(config: Config, verbose: bool = True) -> dict:
     dev_records = read_records(cfg.dev_file, cfg.format) if cfg.dev_file else None
     labels = label_set(train_records, cfg, cfg.train_file) if cfg.task != "multiple_choice" else None
     run_dir = Path(tc.out_dir)
-    if (run_dir / "finetune.json").exists():
-        raise ConfigError(f"{run_dir} already holds a fine-tuning run; set train.out_dir to a new directory")
+    check_new_run_dir(run_dir)  # before the base model is loaded; again under the run's lock
 
     key = jax.random.key(tc.seed)
     base, gpt_params, tokenizer = load_base(cfg, config, jax.random.fold_in(key, 0))
@@ -409,7 +410,7 @@ def finetune(config: Config, verbose: bool = True) -> dict:
     from gpt_jax.checkpoint import Checkpointer
     from gpt_jax.trainer import MetricsLog
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_new_run_dir(run_dir)
     save_config(dataclasses.replace(config, model=model), run_dir / "config.yaml")
     (run_dir / "tokenizer.json").write_text(json.dumps(tokenizer.spec()))
     meta = {"task": cfg.task, "labels": labels, "special_ids": dataclasses.asdict(special), "max_length": max_length,
@@ -456,6 +457,8 @@ def finetune(config: Config, verbose: bool = True) -> dict:
         ckpt.wait()
         ckpt.close()
         log.close()
+        if lock is not None:
+            lock.release()
     summary.update(best_dev_accuracy=best if dev_ex is not None else None, seconds=time.time() - t0, params=params,
                    config=model, labels=labels, tokenizer=tokenizer, special=special)
     return summary
@@ -478,7 +481,7 @@ def load_finetuned(run_dir):
                                                   "head": init_head(model, n_out, jax.random.key(0))}})
     sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
-    ckpt = Checkpointer(run_dir, keep=1)
+    ckpt = Checkpointer(run_dir, keep=1, read_only=True)
     try:
         restored = ckpt.restore_latest(abstract, ckpt.best) or ckpt.restore_latest(abstract, ckpt.last)
     finally:

@@ -13,10 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
-
-from gpt_jax.config import ConfigError, FinetuneConfig
-from gpt_jax.data import DataError
-from gpt_jax.tokenizer import TokenizerError
+from gpt_jax.cli import at_least, entry_point
+from gpt_jax.config import FinetuneConfig
 
 
 def predict_file(run_dir, input_path, output_path=None, batch_size: int = 32, fmt: str = "auto") -> dict:
@@ -42,19 +40,16 @@ def predict_file(run_dir, input_path, output_path=None, batch_size: int = 32, fm
     return result
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a fine-tuning run directory (train.py, mode: finetune)")
     parser.add_argument("--input", required=True, help="TSV (header row) or JSONL with the run's fields")
     parser.add_argument("--output", help="where to write predictions (default: INPUT.predictions.tsv)")
     parser.add_argument("--format", default="auto", choices=["auto", "tsv", "jsonl"])
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=at_least(1), default=32)
     args = parser.parse_args(argv)
-    try:
-        result = predict_file(args.checkpoint, args.input, args.output, args.batch_size, args.format)
-    except (ConfigError, DataError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    result = predict_file(args.checkpoint, args.input, args.output, args.batch_size, args.format)
     msg = f"wrote {result['n']} predictions to {result['output']}"
     if result["truncated"]:
         msg += f" ({result['truncated']} examples truncated to fit)"

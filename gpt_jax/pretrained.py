@@ -4,13 +4,15 @@ A directory holds `config.json` and `model.safetensors` (or a sharded `model.saf
 or a PyTorch `pytorch_model.bin`). Our parameter names are OpenAI's, so import is a rename table
 plus stacking the per-layer tensors on a leading layer axis. HF's Conv1D stores kernels as
 [in, out], which is flax's Dense layout, so no transposes are needed. Neither torch nor
-transformers is needed: `.bin` files are read with a small unpickler over the zip archive.
+transformers is needed: `.bin` files are read with a small unpickler over the zip archive, which
+accepts tensors and nothing else and checks every view against its storage before making it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pickle
 import zipfile
 from collections import OrderedDict
@@ -95,20 +97,42 @@ def config_to_hf(config: GPTConfig) -> dict:
 
 # --- reading PyTorch .bin files without torch --------------------------------------------------
 
+
+class WeightsError(ValueError):
+    """A weights file is malformed, truncated or unsafe to load; the message says which and why."""
+
+
 _STORAGE_DTYPES = {"FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
                    "BFloat16Storage": ml_dtypes.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32,
                    "ShortStorage": np.int16, "CharStorage": np.int8, "ByteStorage": np.uint8, "BoolStorage": np.bool_}
 
 
+def _ints(values) -> bool:
+    return isinstance(values, tuple) and all(type(v) is int and v >= 0 for v in values)
+
+
 def _rebuild_tensor(storage, offset, size, stride, *_):
+    """The tensor that views `storage` from `offset` with `size` and `stride` (in elements), once the
+    view is known to stay inside the storage: as_strided itself would read past its end."""
+    if not isinstance(storage, np.ndarray) or storage.ndim != 1:
+        raise WeightsError(f"a tensor is built on {type(storage).__name__}, not on a storage")
+    if type(offset) is not int or offset < 0 or not _ints(size) or not _ints(stride) or len(size) != len(stride):
+        raise WeightsError(f"a tensor has a malformed view: offset {offset!r}, size {size!r}, stride {stride!r}")
+    numel = math.prod(size)
+    end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if numel else 0
+    if end > storage.size or numel > storage.size:
+        raise WeightsError(f"a tensor of shape {size} (offset {offset}, stride {stride}) needs {max(end, numel)} "
+                           f"elements of a storage that holds {storage.size}")
     itemsize = storage.dtype.itemsize
-    return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size), tuple(s * itemsize for s in stride)).copy()
+    if numel == 0:
+        return np.zeros(size, storage.dtype)
+    return np.lib.stride_tricks.as_strided(storage[offset:], size, tuple(s * itemsize for s in stride)).copy()
 
 
 class _TorchUnpickler(pickle.Unpickler):
     def __init__(self, file, archive: zipfile.ZipFile, prefix: str):
         super().__init__(file)
-        self.archive, self.prefix = archive, prefix
+        self.archive, self.prefix, self.storages = archive, prefix, {}
 
     def find_class(self, module, name):
         if name in _STORAGE_DTYPES:
@@ -119,33 +143,75 @@ class _TorchUnpickler(pickle.Unpickler):
             return lambda tensor, *_: tensor
         if (module, name) == ("collections", "OrderedDict"):
             return OrderedDict
-        raise pickle.UnpicklingError(f"unsupported object {module}.{name} in a PyTorch checkpoint")
+        raise WeightsError(f"refused {module}.{name}: a state dict holds tensors only, and this file names other "
+                           "code to run (it may be malicious); nothing was executed")
 
     def persistent_load(self, pid):
-        _, dtype, key, _location, _numel = pid
-        raw = self.archive.read(f"{self.prefix}/data/{key}")
-        return np.frombuffer(raw, dtype=np.dtype(dtype))
+        """A storage record ('storage', dtype, key, location, numel): its bytes, as `dtype`."""
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise WeightsError(f"unexpected persistent record {str(pid)[:80]}")
+        _, dtype, key, _location, numel = pid
+        if dtype not in _STORAGE_DTYPES.values() or not isinstance(key, str) or type(numel) is not int:
+            raise WeightsError(f"a storage record has an unsupported type or layout: {str(pid)[:80]}")
+        if key in self.storages:  # tensors that share a storage (tied weights) share one read of it
+            return self.storages[key]
+        name, nbytes = f"{self.prefix}/data/{key}", numel * np.dtype(dtype).itemsize
+        try:
+            size = self.archive.getinfo(name).file_size
+        except KeyError:
+            size = None
+        if size != nbytes:  # checked before reading: a declared size cannot make us allocate more
+            raise WeightsError(f"storage {key} declares {numel} {np.dtype(dtype).name} values ({nbytes} bytes) "
+                               f"but the archive holds {'no such file' if size is None else f'{size} bytes'}")
+        self.storages[key] = np.frombuffer(self.archive.read(name), dtype=np.dtype(dtype))
+        return self.storages[key]
 
 
 def load_torch_bin(path: Path) -> dict[str, np.ndarray]:
+    """The tensors of a torch.save'd state dict; anything else in the file is refused (WeightsError)."""
     if not zipfile.is_zipfile(path):
-        raise ConfigError(f"{path} is not a PyTorch zip checkpoint (the legacy pre-1.6 format is not supported)")
-    with zipfile.ZipFile(path) as archive:
-        pkl = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
-        if pkl is None:
-            raise ConfigError(f"{path} has no data.pkl; it is not a PyTorch state dict")
-        with archive.open(pkl) as f:
-            return dict(_TorchUnpickler(f, archive, pkl[: -len("/data.pkl")]).load())
+        raise WeightsError(f"{path} is not a PyTorch zip checkpoint (truncated, or the legacy pre-1.6 format, "
+                           "which is not supported)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pkl = next((n for n in archive.namelist() if n.endswith("/data.pkl")), None)
+            if pkl is None:
+                raise WeightsError(f"{path} has no data.pkl; it is not a PyTorch state dict")
+            if any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist()):
+                raise WeightsError(f"{path} has compressed members, which torch.save never writes")
+            with archive.open(pkl) as f:
+                tensors = _TorchUnpickler(f, archive, pkl[: -len("/data.pkl")]).load()
+    except (OSError, WeightsError):
+        raise
+    except Exception as e:  # noqa: BLE001 - a malformed pickle or archive fails in many ways
+        raise WeightsError(f"{path} is not a readable PyTorch state dict ({type(e).__name__}: {str(e)[:200]})") from None
+    if not (isinstance(tensors, dict) and all(isinstance(k, str) and isinstance(v, np.ndarray)
+                                                for k, v in tensors.items())):
+        raise WeightsError(f"{path} does not hold a state dict (names -> tensors)")
+    return dict(tensors)
+
+
+def _load_safetensors(path: Path) -> dict[str, np.ndarray]:
+    try:
+        return load_file(path)
+    except (OSError, WeightsError):
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad headers
+        raise WeightsError(f"{path} is not a readable safetensors file ({type(e).__name__}: {str(e)[:200]})") from None
 
 
 def _read_weights(path: Path) -> dict[str, np.ndarray]:
     if (path / "model.safetensors").is_file():
-        return load_file(path / "model.safetensors")
+        return _load_safetensors(path / "model.safetensors")
     if (path / "model.safetensors.index.json").is_file():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
+        try:
+            shards = sorted(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise WeightsError(f"{path / 'model.safetensors.index.json'} is not a shard index ({type(e).__name__}: "
+                               f"{str(e)[:120]})") from None
         tensors = {}
-        for shard in sorted(set(index["weight_map"].values())):
-            tensors.update(load_file(path / shard))
+        for shard in shards:
+            tensors.update(_load_safetensors(path / shard))
         return tensors
     if (path / "pytorch_model.bin").is_file():
         return load_torch_bin(path / "pytorch_model.bin")
@@ -161,8 +227,12 @@ def load_pretrained(path, pad_vocab_multiple: int = 1) -> tuple[GPTConfig, dict]
     path = local_path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path} is not a checkpoint directory: {path / 'config.json'} is missing")
-    hf = json.loads((path / "config.json").read_text())
-    config = config_from_hf(hf)
+    try:
+        hf = json.loads((path / "config.json").read_text())
+        config = config_from_hf(hf)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise ConfigError(f"{path / 'config.json'} is not a GPT-2 / OpenAI-GPT config ({type(e).__name__}: "
+                          f"{str(e)[:120]}); restore the file that came with the weights") from None
     tensors = {k.removeprefix("transformer."): v for k, v in _read_weights(path).items()}
     top, L = _TOP[hf["model_type"]], config.n_layer
     params: dict = {}

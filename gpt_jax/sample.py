@@ -13,10 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from gpt_jax.config import ConfigError
+from gpt_jax.cli import at_least, entry_point
 from gpt_jax.generate import GenerateError, generate
 from gpt_jax.hub import local_path
-from gpt_jax.tokenizer import TokenizerError, load_tokenizer
+from gpt_jax.tokenizer import load_tokenizer
 
 
 def load_for_sampling(checkpoint: str, tokenizer_path: str | None = None):
@@ -60,36 +60,33 @@ class _Streamer:
         self.printed = text
 
 
+@entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="training run directory, Hugging Face directory, or model name (gpt2, ...)")
     parser.add_argument("--prompt", default="\n")
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--max-new-tokens", type=at_least(1), default=200)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-samples", type=at_least(1), default=1)
+    parser.add_argument("--seed", type=at_least(0), default=0)
     parser.add_argument("--tokenizer", default=None, help="tokenizer path, if the checkpoint has none")
     args = parser.parse_args(argv)
-    try:
-        config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer)
-        ids = tok.encode(args.prompt)
-        if not ids:
-            raise GenerateError("the prompt encodes to no tokens; give some text")
-        stop = [tok.eot_id] if tok.eot_id is not None else []
-        for k in range(args.num_samples):
-            if args.num_samples > 1:
-                print(f"--- sample {k + 1} ---")
-            sys.stdout.write(args.prompt)
-            t = time.perf_counter()
-            _, counts = generate(config, params, [ids], args.max_new_tokens, temperature=args.temperature,
-                                 top_k=args.top_k, top_p=args.top_p, stop_tokens=stop, rng=args.seed + k,
-                                 on_token=_Streamer(tok, sys.stdout))
-            print(f"\n[{counts[0]} tokens in {time.perf_counter() - t:.2f} s]", file=sys.stderr)
-    except (ConfigError, GenerateError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise GenerateError("the prompt encodes to no tokens; give some text")
+    stop = [tok.eot_id] if tok.eot_id is not None else []
+    for k in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {k + 1} ---")
+        sys.stdout.write(args.prompt)
+        t = time.perf_counter()
+        _, counts = generate(config, params, [ids], args.max_new_tokens, temperature=args.temperature,
+                             top_k=args.top_k, top_p=args.top_p, stop_tokens=stop, rng=args.seed + k,
+                             on_token=_Streamer(tok, sys.stdout))
+        print(f"\n[{counts[0]} tokens in {time.perf_counter() - t:.2f} s]", file=sys.stderr)
     return 0
 
 

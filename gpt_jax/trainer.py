@@ -26,12 +26,13 @@ from tqdm import tqdm
 
 from gpt_jax.checkpoint import Checkpointer
 from gpt_jax.config import Config, ConfigError, save_config
-from gpt_jax.data import Sampler, eval_batches, prepare
+from gpt_jax.data import Sampler, check_batches, eval_batches, prepare
 from gpt_jax.distributed import any_process, barrier
 from gpt_jax.flops import device_peak_flops, flops_per_token
 from gpt_jax.model import GPT, init_params, lm_loss
 from gpt_jax.optim import make_optimizer, make_schedule
 from gpt_jax.parallel import Single, make_strategy, validate as validate_parallel
+from gpt_jax.rundir import drop_torn_line, lock_run_dir, read_jsonl, resume_check
 
 
 @flax.struct.dataclass
@@ -135,6 +136,7 @@ class MetricsLog:
         if enabled:
             from tensorboardX import SummaryWriter
 
+            drop_torn_line(run_dir / "metrics.jsonl")
             self.file = open(run_dir / "metrics.jsonl", "a")
             self.tb = SummaryWriter(str(run_dir / "tensorboard"))
 
@@ -160,7 +162,7 @@ def plot_losses(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    records = read_jsonl(run_dir / "metrics.jsonl")
     series = {}
     for r in records:  # later records win: a resumed run rewrites the steps after its checkpoint
         key = "val_loss" if r["kind"] == "eval" else "loss"
@@ -214,8 +216,9 @@ def train(config: Config, verbose: bool = True) -> dict:
     if not main:
         data = prepare(config.data, verbose=False)
     config = _resolve_vocab(config, data.tokenizer)
+    check_batches(data, config.model.n_positions, tc.batch_size)  # data errors before the run directory is touched
     run_dir = Path(tc.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = lock_run_dir(run_dir)
     say(f"config: {_describe(config)}")
     say(f"data: {data.manifest['train_tokens']:,} train / {data.manifest['val_tokens']:,} val tokens "
         f"({data.tokenizer.kind}, vocab {data.tokenizer.vocab_size}) from {data.dir}")
@@ -225,16 +228,11 @@ def train(config: Config, verbose: bool = True) -> dict:
     abstract = jax.eval_shape(lambda: init_state(config, optimizer))
     strategy = make_strategy(config, abstract)
     sampler_state, best_val, start = {"epoch": 0, "cursor": 0}, math.inf, 0
-    restored = ckpt.restore_latest(strategy.restore_target(abstract))
+    restored = ckpt.restore_latest(strategy.restore_target(abstract),
+                                   check=resume_check(run_dir, config, data.tokenizer))  # another run's: stop
     if restored is not None:
         state, meta, start = restored
         state = strategy.place(state)
-        saved_model = meta["config"]["model"]
-        if saved_model != dataclasses.asdict(config.model):
-            diff = {k: (saved_model.get(k), v) for k, v in dataclasses.asdict(config.model).items()
-                    if saved_model.get(k) != v}
-            raise ConfigError(f"{run_dir} holds a run with another model config {diff} (saved, now); "
-                              "use another train.out_dir or the saved model settings")
         sampler_state, best_val = meta["sampler"], meta.get("best_val", math.inf)
         say(f"resuming from step {start} in {run_dir / 'checkpoints'}")
     else:
@@ -351,6 +349,8 @@ def train(config: Config, verbose: bool = True) -> dict:
         ckpt.wait()
         ckpt.close()
         log.close()
+        if lock is not None:
+            lock.release()
     if main and (run_dir / "metrics.jsonl").is_file():
         plot_losses(run_dir)
     summary.update(step=done_step, seconds=time.time() - t_start, config=config,
@@ -405,7 +405,7 @@ def load_run(run_dir, which: str = "best"):
             raise ConfigError(f"{run_dir} is not a training run: {name} is missing")
     config = load_config(run_dir / "config.yaml", saved_run=True)
     tokenizer = load_tokenizer(json.loads((run_dir / "tokenizer.json").read_text()))
-    ckpt = Checkpointer(run_dir, keep=config.train.keep_checkpoints)
+    ckpt = Checkpointer(run_dir, keep=config.train.keep_checkpoints, read_only=True)
     optimizer = make_optimizer(config.optim, config.train.steps)
     abstract = Single(config).restore_target(jax.eval_shape(lambda: init_state(config, optimizer)))
     try:

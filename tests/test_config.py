@@ -91,6 +91,65 @@ def test_shipped_configs_load():
         load_config(path)
 
 
+@pytest.mark.parametrize("override, words", [
+    ("train.steps=0", ["train.steps must be >= 1, got 0"]),
+    ("train.steps=-5", ["train.steps must be >= 1, got -5"]),
+    ("train.batch_size=0", ["train.batch_size must be >= 1"]),
+    ("train.eval_every=0", ["train.eval_every must be >= 1"]),
+    ("train.save_every=0", ["train.save_every must be >= 1"]),
+    ("train.log_every=0", ["train.log_every must be >= 1"]),
+    ("train.keep_checkpoints=0", ["train.keep_checkpoints must be >= 1"]),
+    ("optim.grad_accum=0", ["optim.grad_accum must be >= 1"]),
+    ("optim.lr=-1e-3", ["optim.lr must be > 0, got -0.001"]),
+    ("optim.lr=0", ["optim.lr must be > 0"]),
+    ("optim.beta2=1.0", ["optim.beta2 must be in [0, 1), got 1.0"]),
+    ("optim.min_lr=0.1", ["optim.min_lr=0.1 is above optim.lr", "optim.min_lr <="]),
+    ("model.attn_pdrop=-0.1", ["model.attn_pdrop must be in [0, 1)"]),
+    ("model.layer_norm_epsilon=0", ["model.layer_norm_epsilon must be > 0"]),
+    ("data.val_fraction=0", ["data.val_fraction must be in (0, 1), got 0"]),
+    ("parallel.data=0", ["parallel.data must be >= 1 (or -1), got 0"]),
+    ("finetune.epochs=0", ["finetune.epochs must be >= 1"]),
+    ("finetune.warmup_fraction=1", ["finetune.warmup_fraction must be in [0, 1)"]),
+])
+def test_out_of_range_settings_name_key_value_and_range(override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert "\n" not in str(err.value)
+    for word in words:
+        assert word in str(err.value), str(err.value)
+
+
+def test_range_edges_are_accepted():
+    cfg = load_config(None, ["train.steps=1", "optim.warmup_steps=0", "optim.grad_clip=0", "parallel.data=-1",
+                             "model.resid_pdrop=0", "train.sample_tokens=0", "optim.schedule=constant", "optim.lr=1e-6"])
+    assert (cfg.train.steps, cfg.parallel.data, cfg.optim.lr) == (1, -1, 1e-6)
+
+
+def test_every_numeric_setting_has_a_range():
+    """A new int or float setting must get an entry in RANGES (so it is checked at load)."""
+    import typing
+
+    from gpt_jax.config import RANGES, Config
+
+    missing = []
+    for section, cls in typing.get_type_hints(Config).items():
+        if not dataclasses.is_dataclass(cls):
+            continue
+        for name, tp in typing.get_type_hints(cls).items():
+            if {int, float} & {tp, *typing.get_args(tp)} and name not in RANGES.get(section, {}):
+                missing.append(f"{section}.{name}")
+    assert not missing, f"settings without a range in config.RANGES: {missing}"
+
+
+def test_out_dir_must_be_a_directory(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is an existing file"):
+        load_config(None, [f"train.out_dir={tmp_path / 'file'}"])
+    with pytest.raises(ConfigError, match="which is a file"):
+        load_config(None, [f"train.out_dir={tmp_path / 'file' / 'run'}"])
+    assert load_config(None, [f"train.out_dir={tmp_path / 'new' / 'run'}"]).train.out_dir.endswith("run")
+
+
 def test_saved_run_config_without_vocab_padding_loads_unpadded(tmp_path):
     """A run directory written before `pad_vocab_multiple` existed holds unpadded parameters."""
     values = load_config(overrides=["model.preset=gpt2-tiny"]).to_dict()

@@ -142,7 +142,7 @@ def test_eval_batches_are_fixed_and_errors_on_tiny_val():
     a = eval_batches(TOKENS, 16, 4, 3)
     b = eval_batches(TOKENS, 16, 4, 3)
     assert len(a) == 3 and all(np.array_equal(x, y) for x, y in zip(a, b))
-    with pytest.raises(DataError, match="validation split"):
+    with pytest.raises(DataError, match="the val split"):
         eval_batches(TOKENS[:40], 16, 4, 3)
 
 

@@ -93,6 +93,19 @@ def test_stop_tokens_end_sequences_and_the_loop(tiny):
         assert out[1] == free[1]
 
 
+def test_loop_stops_once_every_sequence_has_stopped(tiny):
+    """The decode loop runs until the last sequence meets a stop token, not max_new_tokens steps: the
+    streaming callback sees exactly that many steps (from where the stop tokens stand in a free run)."""
+    config, params = tiny
+    prompts = [[1, 2, 3], [4, 5]]
+    free, _ = generate(config, params, prompts, 30, greedy=True)
+    stops = [free[0][2], free[1][4]]
+    first_stop = [min(row.index(t) for t in stops if t in row) for row in free]
+    steps = []
+    generate(config, params, prompts, 30, greedy=True, stop_tokens=stops, on_token=lambda i, _: steps.append(int(i)))
+    assert steps == list(range(max(first_stop) + 1)) and max(first_stop) + 1 < 30
+
+
 def test_decode_copy_of_the_weights_follows_the_params(tiny):
     """`generate` reuses its per-layer copy of the weights only while the very same arrays are alive."""
     import gc

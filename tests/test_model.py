@@ -1,12 +1,14 @@
 import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt_jax import GPT, GPTConfig, init_cache, init_params, lm_loss
+from conftest import data_path
+from gpt_jax import GPT, GPTConfig, init_cache, init_params, lm_loss, load_pretrained, save_pretrained
 
 TINY = GPTConfig.preset("gpt2-tiny", n_layer=3, n_positions=32, vocab_size=97)
 TINY_POST = dataclasses.replace(TINY, norm="post")
@@ -211,15 +213,91 @@ def test_bf16_softmax_backward_dots_take_bf16_operands(setup):
     x = tokens((2, 12))
     jaxpr = jax.make_jaxpr(jax.grad(lambda p: lm_loss(GPT(cfg).apply({"params": p}, x[:, :-1]), x[:, 1:])))(params)
 
-    def dots(jaxpr):
-        for eqn in jaxpr.eqns:
-            if eqn.primitive.name == "dot_general":
-                yield tuple(v.aval.dtype for v in eqn.invars)
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else (value,):
-                    if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                        yield from dots(getattr(sub, "jaxpr", sub))
-
-    found = list(dots(jaxpr.jaxpr))
+    found = [tuple(v.aval.dtype for v in eqn.invars) for eqn in all_eqns(jaxpr.jaxpr)
+             if eqn.primitive.name == "dot_general"]
     assert len(found) >= 12  # forward and backward of every matmul
     assert all(d == (jnp.bfloat16, jnp.bfloat16) for d in found), sorted(set(found))
+
+
+def all_eqns(jaxpr):
+    """Every equation of a jaxpr, those of nested jaxprs (scan, pjit, custom_jvp, while) included."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
+                    yield from all_eqns(getattr(sub, "jaxpr", sub))
+
+
+@pytest.mark.parametrize("attention", ["reference", "auto"])
+def test_bf16_softmax_runs_in_fp32(setup, attention):
+    """With bf16 compute, every exponential (the attention softmax: forward, chunked prefill and one
+    decode step) takes float32 scores; a bf16 softmax keeps 8 bits of the probabilities."""
+    cfg, params = setup
+    cfg = dataclasses.replace(cfg, dtype="bfloat16", attention=attention)
+    model = GPT(cfg)
+    x = tokens((2, 8))
+    cache = init_cache(cfg, 2, 12)
+    passes = {
+        "forward": lambda p: model.apply({"params": p}, x),
+        "prefill": lambda p: model.apply({"params": p}, x, cache=cache, cache_index=0),
+        "chunk": lambda p: model.apply({"params": p}, x[:, :3], cache=cache, cache_index=2),
+        "decode": lambda p: model.apply({"params": p}, x[:, :1], cache=cache, cache_index=4),
+    }
+    for name, f in passes.items():
+        exps = [eqn.invars[0].aval.dtype for eqn in all_eqns(jax.make_jaxpr(f)(params).jaxpr)
+                if eqn.primitive.name == "exp"]
+        assert exps and all(d == jnp.float32 for d in exps), (name, exps)
+
+
+def test_attention_dropout_rate_is_attn_pdrop():
+    """One token, one head: attention has a single key of probability 1, which dropout zeroes (the output
+    of the block is then that of a zero c_proj kernel) or scales by 1 / (1 - p). Over 4000 rows the
+    dropped fraction is p within 5 standard errors (false-failure rate 6e-7)."""
+    p = 0.3
+    cfg = GPTConfig.preset("gpt2-tiny", n_layer=1, n_head=1, n_embd=16, vocab_size=11, n_positions=4,
+                           attn_pdrop=p, attention="reference")
+    params = randomize(init_params(cfg, jax.random.key(0)))
+    x = tokens((4000, 1), vocab=11)
+    train = GPT(cfg).apply({"params": params}, x, deterministic=False, rngs={"dropout": jax.random.key(3)})
+
+    def with_c_proj(scale):
+        c_proj = params["h"]["attn"]["c_proj"]
+        attn = {**params["h"]["attn"], "c_proj": {**c_proj, "kernel": c_proj["kernel"] * scale}}
+        return GPT(cfg).apply({"params": {**params, "h": {**params["h"], "attn": attn}}}, x)
+
+    dropped = np.all(np.isclose(train, with_c_proj(0.0), atol=1e-5), axis=(1, 2))
+    kept = np.all(np.isclose(train, with_c_proj(1 / (1 - p)), atol=1e-5), axis=(1, 2))
+    assert not np.any(dropped & kept) and np.all(dropped | kept)
+    assert abs(dropped.mean() - p) < 5 * np.sqrt(p * (1 - p) / len(x)), dropped.mean()
+
+
+@pytest.mark.parametrize("pad", [1, 128])
+def test_tiny_gpt2_reproduces_reference_outputs(tmp_path, pad):
+    """Published outputs of tiny-gpt2 (no torch needed: this is the numerics check that runs without it).
+    Also with the vocabulary padded to 50,304 rows: the same figures, and save_pretrained strips the rows."""
+    root = data_path("tiny-gpt2")
+    ref = json.loads((root / "reference_outputs.json").read_text())
+    config, params = load_pretrained(root, pad_vocab_multiple=pad)
+    assert (config.n_layer, config.n_embd, config.vocab_size) == (2, 2, 50257)
+    assert params["wte"]["embedding"].shape[0] == (50304 if pad == 128 else 50257)
+    if pad > 1:
+        save_pretrained(config, params, tmp_path / "out")
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 50257
+        again_config, again = load_pretrained(tmp_path / "out")
+        np.testing.assert_array_equal(again["wte"]["embedding"], params["wte"]["embedding"][:50257])
+    for case in ref["cases"]:
+        ids = jnp.asarray([case["ids"]])
+        out, state = GPT(config).apply({"params": params}, ids, return_hidden=True, mutable=["intermediates"])
+        hidden = list(state["intermediates"]["h"]["block_input"][0][:, 0]) + [out.hidden[0]]
+        np.testing.assert_allclose(np.stack(hidden), case["hidden_states"], atol=1e-6, rtol=1e-5)
+        logits = np.asarray(out.logits[0])
+        assert np.all(logits[:, 50257:] == -np.inf)
+        logits = logits[:, :50257]
+        np.testing.assert_allclose(logits[:, :8], case["logits_first8"], atol=1e-6)
+        np.testing.assert_allclose(logits[np.arange(len(case["ids"])), case["ids"]], case["logits_at_ids"], atol=1e-6)
+        np.testing.assert_allclose(logits.max(-1), case["logits_max"], atol=1e-6)
+        np.testing.assert_allclose(jax.nn.logsumexp(logits, -1), case["logsumexp"], atol=1e-5)
+        assert logits.argmax(-1).tolist() == case["logits_argmax"]
+        loss = float(lm_loss(out.logits[:, :-1], ids[:, 1:]))
+        assert abs(loss - case["loss"]) <= 1e-5, (case["text"], case["dtype"], loss, case["loss"])

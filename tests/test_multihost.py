@@ -145,3 +145,22 @@ def test_where_the_distributed_settings_come_from(monkeypatch):
                                                   "process_id": None}
     monkeypatch.setenv("SLURM_NTASKS", "1")
     assert distributed_args(ParallelConfig()) is None
+
+
+def test_a_multi_process_run_locks_its_directory_once_and_every_process_stops(tmp_path, corpus):
+    """Process 0 takes the run directory's lock; when another run holds it, every process stops."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    from test_rundir import LOCKER
+
+    owner = subprocess.Popen([sys.executable, "-c", LOCKER, str(run_dir)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert owner.stdout.readline().strip() == "locked"
+        (rc0, out0), (rc1, out1) = run_two_processes(base_args(corpus, run_dir, tmp_path / "cache")
+                                                     + ["train.steps=1", "parallel.strategy=pmap"])
+    finally:
+        owner.kill()
+        owner.wait()
+    assert rc0 == 4 and f"in use by process {owner.pid}" in out0 and "Traceback" not in out0, out0[-2000:]
+    assert rc1 == 4 and "process 0 could not lock" in out1 and "Traceback" not in out1, out1[-2000:]
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
