@@ -30,6 +30,7 @@ import optax
 from jax.sharding import PartitionSpec as P
 
 from gpt_jax.config import Config, ConfigError, FinetuneConfig, GPTConfig, OptimConfig
+from gpt_jax.hub import local_path
 from gpt_jax.loop import TrainState
 from gpt_jax.model import GPT, init_params, logical_axes
 from gpt_jax.optim import make_optimizer, make_schedule
@@ -132,10 +133,10 @@ def load_base(cfg: FinetuneConfig, config: Config, rng):
         data = prepare_data(config)  # process 0 first in a multi-host run
         model = _resolve_vocab(config, data.tokenizer).model
         return model, init_params(model, rng), data.tokenizer
-    path = Path(cfg.init_from)
+    path = local_path(cfg.init_from)
     if not path.is_dir():
-        raise ConfigError(f"finetune.init_from={cfg.init_from} is not a directory; give a training run "
-                          "directory or a Hugging Face GPT-2 / OpenAI-GPT directory")
+        raise ConfigError(f"finetune.init_from={cfg.init_from} is not a directory; give a training run directory, "
+                          "a Hugging Face GPT-2 / OpenAI-GPT directory, or a model name (gpt2, openai-gpt, ...)")
     if (path / "finetune.json").is_file():
         raise ConfigError(f"{path} is a fine-tuning run; init_from takes a pretrained model")
     from gpt_jax.sample import load_for_sampling

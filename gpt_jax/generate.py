@@ -2,9 +2,12 @@
 
 The whole of `generate` is one compiled function: the prompts are prefilled into a preallocated
 cache in one forward pass, then a `lax.while_loop` adds one token per iteration and stops early
-when every sequence has produced a stop token. Prompt length, batch size and `max_new_tokens` are
-rounded up to buckets (powers of two), and the sampling settings (temperature, top-k, top-p, seed)
-are traced values, so new prompts and settings in the same bucket reuse the compiled function.
+when every sequence has produced a stop token. Past the model's context (n_positions), a second
+loop conditions each token on the last n_positions tokens, as nanoGPT's sample.py crops: with
+learned positions every cached key moves when the window slides, so each of those tokens is a
+forward pass over the whole window. Prompt length, batch size and `max_new_tokens` are rounded up
+to buckets (powers of two), and the sampling settings (temperature, top-k, top-p, seed) are traced
+values, so new prompts and settings in the same bucket reuse the compiled function.
 """
 
 from __future__ import annotations
@@ -40,24 +43,34 @@ def _bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
-def filter_logits(logits_BV, temperature, top_k, top_p):
-    """Temperature, then top-k (0 = off), then top-p (1 = off); filtered entries become -inf."""
+def top_k_bucket(top_k, vocab_size: int) -> int:
+    """The static width of `lax.top_k` for a top-k setting: 0 when top-k is off, else a power of two
+    (at least 64, at most the vocabulary), so nearby k share one compiled program."""
+    return min(_bucket(top_k, 64), vocab_size) if top_k else 0
+
+
+def _nucleus_cutoff(sorted_BK, top_p):
+    """The smallest logit that top-p keeps among descending logits (-inf where already filtered):
+    the best tokens until the mass of those before them reaches top_p; at least one is kept."""
+    probs_BK = jax.nn.softmax(sorted_BK, axis=-1)
+    before_BK = jnp.cumsum(probs_BK, axis=-1) - probs_BK  # mass of strictly better tokens
+    keep_B = jnp.sum((before_BK < top_p) & (sorted_BK > -jnp.inf), axis=-1)
+    return jnp.take_along_axis(sorted_BK, (jnp.maximum(keep_B, 1) - 1)[:, None], axis=-1)
+
+
+def filter_logits(logits_BV, temperature, top_k, top_p, k_bucket: int):
+    """Temperature, then top-k, then top-p (1 = off) on the renormalised top-k; filtered entries
+    become -inf. `k_bucket` (static, from `top_k_bucket`) is 0 when top-k is off; else top_k <= k_bucket
+    and only the k_bucket best logits are found (`lax.top_k`) and sorted, not the whole vocabulary."""
     logits_BV = logits_BV / jnp.maximum(temperature, 1e-6)
-
-    def apply_filters(logits_BV):
-        V = logits_BV.shape[-1]
-        sorted_BV = -jnp.sort(-logits_BV, axis=-1)  # descending
-        rank_V = jnp.arange(V)
-        k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
-        sorted_BV = jnp.where(rank_V[None, :] < k, sorted_BV, -jnp.inf)
-        probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-        before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV  # mass of strictly better tokens
-        keep_B = jnp.sum((before_BV < top_p) & (rank_V[None, :] < k), axis=-1)  # at least one is kept
-        cutoff_B = jnp.take_along_axis(sorted_BV, (keep_B - 1)[:, None], axis=-1)
-        return jnp.where(logits_BV < cutoff_B, -jnp.inf, logits_BV)
-
-    # The sort runs only when a filter is on; either way it is one compiled program.
-    return jax.lax.cond((top_k > 0) | (top_p < 1.0), apply_filters, lambda x: x, logits_BV)
+    if k_bucket:
+        best_BK, _ = jax.lax.top_k(logits_BV, k_bucket)  # descending
+        best_BK = jnp.where(jnp.arange(k_bucket)[None, :] < top_k, best_BK, -jnp.inf)
+        cutoff_B1 = _nucleus_cutoff(best_BK, top_p)
+    else:  # top-p alone sorts the vocabulary, and only when it is on (one program either way)
+        cutoff_B1 = jax.lax.cond(top_p < 1.0, lambda x: _nucleus_cutoff(-jnp.sort(-x, axis=-1), top_p),
+                                 lambda x: jnp.full((x.shape[0], 1), -jnp.inf, x.dtype), logits_BV)
+    return jnp.where(logits_BV < cutoff_B1, -jnp.inf, logits_BV)
 
 
 def _forward(config: GPTConfig, params, layers, tokens_BT, pos_BT, key_valid_BS, caches, index):
@@ -157,46 +170,68 @@ def decode_layers(params):
     return layers
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_bucket", "greedy", "stream"))
+@functools.partial(jax.jit, static_argnames=("config", "max_new_bucket", "greedy", "k_bucket", "stream"))
 def _generate(params, layers, tokens_BP, lengths_B, max_new, rng, temperature, top_k, top_p, stop_K, *,
-              config: GPTConfig, max_new_bucket: int, greedy: bool, stream: bool = False):
+              config: GPTConfig, max_new_bucket: int, greedy: bool, k_bucket: int = 0, stream: bool = False):
     B, P = tokens_BP.shape
-    S = P + max_new_bucket
+    C = config.n_positions
+    S = P + min(max_new_bucket, C)  # cache slots: the prompts', then new tokens until the window is full
     dtype = jnp.dtype(config.dtype)
     pad_B = P - lengths_B
     slot_P = jnp.arange(P)
     valid_BP = slot_P[None, :] >= pad_B[:, None]
-    key_valid_BS = jnp.concatenate([valid_BP, jnp.ones((B, max_new_bucket), bool)], axis=1)
+    key_valid_BS = jnp.concatenate([valid_BP, jnp.ones((B, S - P), bool)], axis=1)
     N, H = config.n_head, config.head_dim
     caches = [{"k": jnp.zeros((B, N, H, S), dtype), "v": jnp.zeros((B, N, S, H), dtype)} for _ in layers]
     logits_BPV, caches = _forward(config, params, layers, tokens_BP, jnp.maximum(slot_P[None, :] - pad_B[:, None], 0),
                                   key_valid_BS, caches, 0)
+    # Every sequence so far: C empty slots, the left-padded prompts, then the new tokens (token i at C + P + i).
+    seq_BW = jnp.concatenate([jnp.zeros((B, C), jnp.int32), tokens_BP, jnp.zeros((B, max_new_bucket), jnp.int32)], 1)
 
-    def cond(carry):
-        i, _, _, done_B, _, _ = carry
-        return (i < max_new) & ~jnp.all(done_B)
-
-    def body(carry):
-        i, logits_BV, caches, done_B, out_BN, n_B = carry
+    def take(i, logits_BV, done_B, seq_BW, n_B):
+        """Sample token i from its logits and record it."""
         if greedy:
             tok_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
         else:
-            filtered = filter_logits(logits_BV, temperature, top_k, top_p)
+            filtered = filter_logits(logits_BV, temperature, top_k, top_p, k_bucket)
             tok_B = jax.random.categorical(jax.random.fold_in(rng, i), filtered, axis=-1).astype(jnp.int32)
         tok_B = jnp.where(done_B, 0, tok_B)
         if stream:  # hand each step's tokens to the host as they are made
             io_callback(_emit, None, i, tok_B, ordered=True)
-        out_BN = out_BN.at[:, i].set(tok_B)
+        seq_BW = jax.lax.dynamic_update_slice_in_dim(seq_BW, tok_B[:, None], C + P + i, axis=1)
         n_B = jnp.where(done_B, n_B, i + 1)
         done_B = done_B | jnp.any(tok_B[:, None] == stop_K[None, :], axis=-1)
+        return tok_B, done_B, seq_BW, n_B
+
+    def running(i, done_B):
+        return (i < max_new) & ~jnp.all(done_B)
+
+    # Inside the window: one decode step per token over the KV cache, while every context fits in C.
+    def decode(carry):
+        i, logits_BV, caches, done_B, seq_BW, n_B = carry
+        tok_B, done_B, seq_BW, n_B = take(i, logits_BV, done_B, seq_BW, n_B)
         logits_B1V, caches = _forward(config, params, layers, tok_B[:, None], (lengths_B + i)[:, None], key_valid_BS,
                                       caches, P + i)
-        return i + 1, logits_B1V[:, 0], caches, done_B, out_BN, n_B
+        return i + 1, logits_B1V[:, 0], caches, done_B, seq_BW, n_B
 
-    carry = (jnp.int32(0), logits_BPV[:, -1], caches, jnp.zeros(B, bool),
-             jnp.zeros((B, max_new_bucket), jnp.int32), jnp.zeros(B, jnp.int32))
-    _, _, _, _, out_BN, n_B = jax.lax.while_loop(cond, body, carry)
-    return out_BN, n_B
+    longest = jnp.max(lengths_B)
+    carry = (jnp.int32(0), logits_BPV[:, -1], caches, jnp.zeros(B, bool), seq_BW, jnp.zeros(B, jnp.int32))
+    i, _, _, done_B, seq_BW, n_B = jax.lax.while_loop(lambda c: running(c[0], c[3]) & (longest + c[0] < C),
+                                                      decode, carry)
+
+    # Past the window: learned positions shift with the window, so each token is a forward pass over
+    # the last C tokens of its sequence (right-aligned; shorter rows left-padded), as nanoGPT crops.
+    def window(carry):
+        i, done_B, seq_BW, n_B = carry
+        window_BC = jax.lax.dynamic_slice_in_dim(seq_BW, P + i, C, axis=1)
+        pad_B = C - jnp.minimum(lengths_B + i, C)
+        valid_BC = jnp.arange(C)[None, :] >= pad_B[:, None]
+        pos_BC = jnp.maximum(jnp.arange(C)[None, :] - pad_B[:, None], 0)
+        logits_B1V, _ = _forward(config, params, layers, window_BC, pos_BC, valid_BC, [None] * len(layers), 0)
+        return i + 1, *take(i, logits_B1V[:, 0], done_B, seq_BW, n_B)[1:]
+
+    _, _, seq_BW, n_B = jax.lax.while_loop(lambda c: running(c[0], c[1]), window, (i, done_B, seq_BW, n_B))
+    return seq_BW[:, C + P:], n_B
 
 
 def validate(config: GPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
@@ -208,10 +243,6 @@ def validate(config: GPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise GenerateError(f"prompt {i} is empty: give at least one token (e.g. the end-of-text id)")
-        if len(p) + max_new_tokens > config.n_positions:
-            raise GenerateError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that is "
-                                f"{len(p) + max_new_tokens} positions, over the model's context of "
-                                f"{config.n_positions}: shorten the prompt or ask for fewer tokens")
         bad = [t for t in p if not 0 <= int(t) < config.vocab_size]
         if bad:
             raise GenerateError(f"prompt {i} holds token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
@@ -229,18 +260,24 @@ def generate(config: GPTConfig, params, prompts, max_new_tokens: int, *, tempera
     """Sample `max_new_tokens` after each prompt.
 
     prompts: a list of token-id lists (any lengths), or a left-padded int array [B, P] with `lengths`.
+    Any `max_new_tokens` works: once a sequence is longer than the context (`config.n_positions`),
+    each new token is conditioned on its last n_positions tokens (a prompt longer than that is cut to
+    its end the same way); those tokens cost a forward pass over the whole window each.
     Returns (tokens, lengths): a list with each prompt's new tokens (up to and including a stop
     token) and their counts. `greedy=True` (or temperature=0) takes the argmax. `on_token(i, tokens)`,
     if given, is called on the host with step i's token for every batch row while decoding runs
     (rows that have stopped get 0). The first call with new params keeps a decode copy of their
     block weights while they are alive (`decode_layers`; `clear_decode_cache()` frees it).
+    `params` may be plain arrays or the logically partitioned boxes that `GPT(config).init` returns.
     """
+    params = nn.unbox(params)
     if lengths is not None:
         arr = np.asarray(prompts)
         prompts = [list(row[arr.shape[1] - int(n):]) for row, n in zip(arr, lengths)]
     prompts = [list(map(int, p)) for p in prompts]
     validate(config, prompts, max_new_tokens, temperature, top_k, top_p)
     greedy = greedy or temperature == 0
+    prompts = [p[-config.n_positions:] for p in prompts]  # the model only ever sees the last n_positions
     n = len(prompts)
     B, P = _bucket(n), _bucket(max(map(len, prompts)), 8)
     tokens = np.zeros((B, P), np.int32)
@@ -256,6 +293,7 @@ def generate(config: GPTConfig, params, prompts, max_new_tokens: int, *, tempera
         out, counts = _generate(params, decode_layers(params), tokens, lens, np.int32(max_new_tokens), rng, np.float32(temperature),
                                 np.int32(top_k or 0), np.float32(1.0 if top_p is None else top_p), stop,
                                 config=config, max_new_bucket=_bucket(max_new_tokens), greedy=greedy,
+                                k_bucket=0 if greedy else top_k_bucket(top_k, config.vocab_size),
                                 stream=on_token is not None)
         out, counts = np.asarray(out), np.asarray(counts)
     finally:

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+from flax.core import meta
 from safetensors.numpy import load_file, save_file
 
 from gpt_jax.config import ConfigError, GPTConfig
+from gpt_jax.hub import local_path
 
 # HF activation names <-> ours, per model type. For gpt2, gelu_new / gelu_pytorch_tanh are the tanh
 # approximation and "gelu" is the exact erf form. OpenAI-GPT's `afn` table (modeling_openai.ACT_FNS)
@@ -217,11 +219,12 @@ def _read_weights(path: Path) -> dict[str, np.ndarray]:
 
 
 def load_pretrained(path, pad_vocab_multiple: int = 1) -> tuple[GPTConfig, dict]:
-    """Read a Hugging Face GPT-2 or OpenAI-GPT directory into (GPTConfig, params).
+    """Read a Hugging Face GPT-2 or OpenAI-GPT directory, or a model name (`gpt2`, `gpt2-medium`,
+    `gpt2-large`, `gpt2-xl`, `openai-gpt`) from the Hugging Face cache, into (GPTConfig, params).
 
     pad_vocab_multiple > 1 adds zero embedding rows up to a multiple of it (GPTConfig.pad_vocab_multiple;
     their logits are masked), e.g. 128 to train with a vocabulary that shards over `tensor`."""
-    path = Path(path)
+    path = local_path(path)
     if not (path / "config.json").is_file():
         raise ConfigError(f"{path} is not a checkpoint directory: {path / 'config.json'} is missing")
     try:
@@ -276,7 +279,9 @@ def _check_shapes(config: GPTConfig, params: dict, where: str):
 
 
 def save_pretrained(config: GPTConfig, params: dict, path) -> None:
-    """Write config.json + model.safetensors that transformers' GPT2/OpenAIGPT LMHeadModel loads."""
+    """Write config.json + model.safetensors that transformers' GPT2/OpenAIGPT LMHeadModel loads
+    (`params` as plain arrays or as the boxes that `GPT(config).init` returns)."""
+    params = meta.unbox(params)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     hf = config_to_hf(config)

@@ -3,8 +3,9 @@
 python -m gpt_jax.sample --checkpoint runs/quickstart --prompt "def " [--max-new-tokens N --temperature T
     --top-k K --top-p P --num-samples S --seed S]
 
---checkpoint takes a training run directory (its best checkpoint and its tokenizer) or a Hugging Face
-GPT-2 / OpenAI-GPT directory (tokenizer files from that directory, --tokenizer, or $GPT_JAX_DATA).
+--checkpoint takes a training run directory (its best checkpoint and its tokenizer), a Hugging Face
+GPT-2 / OpenAI-GPT directory (tokenizer files from that directory, --tokenizer, or $GPT_JAX_DATA), or
+a model name from the Hugging Face cache: gpt2, gpt2-medium, gpt2-large, gpt2-xl, openai-gpt.
 """
 
 from __future__ import annotations
@@ -12,16 +13,16 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
-
 from gpt_jax.cli import at_least, entry_point
 from gpt_jax.generate import GenerateError, generate
+from gpt_jax.hub import local_path
 from gpt_jax.tokenizer import load_tokenizer
 
 
 def load_for_sampling(checkpoint: str, tokenizer_path: str | None = None):
-    """(GPTConfig, params, tokenizer) from a run directory or a Hugging Face checkpoint directory."""
-    path = Path(checkpoint)
+    """(GPTConfig, params, tokenizer) from a run directory, a Hugging Face checkpoint directory, or a
+    model name from the Hugging Face cache (`gpt_jax.hub`)."""
+    path = local_path(checkpoint)
     if (path / "config.json").is_file():
         from gpt_jax.pretrained import load_pretrained
 
@@ -62,7 +63,7 @@ class _Streamer:
 @entry_point
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="training run directory or Hugging Face directory")
+    parser.add_argument("--checkpoint", required=True, help="training run directory, Hugging Face directory, or model name (gpt2, ...)")
     parser.add_argument("--prompt", default="\n")
     parser.add_argument("--max-new-tokens", type=at_least(1), default=200)
     parser.add_argument("--temperature", type=float, default=0.8)

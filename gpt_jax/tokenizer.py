@@ -4,8 +4,10 @@ Every tokenizer has `encode(text) -> list[int]`, `decode(ids) -> str`, `vocab_si
 (the end-of-text id, or None where the vocabulary has none) and `spec()`, a small dict that
 `load_tokenizer(spec)` turns back into the same tokenizer (saved with each run).
 
-BPE files are read from local paths: nothing is downloaded. GPT-2 BPE runs on tiktoken built
-from OpenAI's `encoder.json` + `vocab.bpe` (or HF's identical `vocab.json` + `merges.txt`).
+BPE files are read from local paths, or from a model's snapshot in the Hugging Face cache when a
+model name is given (`gpt_jax.hub`; it downloads only a model that is not cached). GPT-2 BPE runs
+on tiktoken built from OpenAI's `encoder.json` + `vocab.bpe` (or HF's identical `vocab.json` +
+`merges.txt`).
 GPT-1 BPE is written here: it reproduces `transformers`' OpenAIGPTTokenizer as it behaves without
 ftfy/spaCy (BERT normalisation + BERT pre-tokenisation + BPE with `</w>` word ends).
 """
@@ -18,6 +20,8 @@ import os
 import unicodedata
 from pathlib import Path
 from typing import Optional, Sequence
+
+from gpt_jax.hub import HubError, local_path, snapshot
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 EOT_TEXT = "<|endoftext|>"
@@ -259,6 +263,19 @@ class SentencePieceTokenizer:
 
 
 _DEFAULT_DIRS = {"gpt2": "gpt2-bpe", "gpt1": "gpt1-bpe"}
+_HUB_MODELS = {"gpt2": "gpt2", "gpt1": "openai-gpt"}
+
+
+def _default_files(kind: str) -> Path:
+    """$GPT_JAX_DATA/gpt2-bpe (or gpt1-bpe), else the tokenizer of gpt2 (or openai-gpt) from the
+    Hugging Face cache."""
+    if data_dir() is not None and (data_dir() / _DEFAULT_DIRS[kind]).exists():
+        return data_dir() / _DEFAULT_DIRS[kind]
+    try:
+        return snapshot(_HUB_MODELS[kind], "tokenizer")
+    except HubError as e:
+        raise TokenizerError(f"the {kind} tokenizer needs its files: pass a path (data.tokenizer_path in a config), "
+                             f"or set GPT_JAX_DATA to the folder that holds {_DEFAULT_DIRS[kind]}/; {e}") from None
 
 
 def load_tokenizer(spec, path=None):
@@ -269,7 +286,9 @@ def load_tokenizer(spec, path=None):
     load_tokenizer("sentencepiece", "run/tokenizer.model")
     load_tokenizer({"kind": "char", "chars": "abc"})
     load_tokenizer("../shared/data/gpt2-bpe")           # detected from the files present
-    Without a path, gpt2 / gpt1 look in $GPT_JAX_DATA/gpt2-bpe and $GPT_JAX_DATA/gpt1-bpe.
+    load_tokenizer("gpt2-medium")                       # a model's tokenizer from the Hugging Face cache
+    Without a path, gpt2 / gpt1 look in $GPT_JAX_DATA/gpt2-bpe and $GPT_JAX_DATA/gpt1-bpe, then take
+    the tokenizer of gpt2 / openai-gpt from the Hugging Face cache (gpt_jax.hub).
     """
     if isinstance(spec, dict):
         spec = dict(spec)
@@ -279,16 +298,18 @@ def load_tokenizer(spec, path=None):
         return load_tokenizer(kind, spec.get("path"))
     kind = str(spec)
     if kind not in ("char", "gpt2", "gpt1", "sentencepiece"):
-        return _detect(Path(kind))
+        try:
+            return _detect(local_path(kind, "tokenizer"))  # a path, or a model name from the Hugging Face cache
+        except HubError as e:
+            raise TokenizerError(str(e)) from None
     if kind == "char":
         if path is None:
             raise TokenizerError("a char tokenizer is built from text: CharTokenizer.from_text(text)")
         return CharTokenizer(json.loads(Path(path).read_text())["chars"])
-    if path is None and kind in _DEFAULT_DIRS and data_dir() is not None:
-        path = data_dir() / _DEFAULT_DIRS[kind]
+    if path is None and kind in _DEFAULT_DIRS:
+        path = _default_files(kind)
     if path is None:
-        raise TokenizerError(f"the {kind} tokenizer needs its files: pass a path (data.tokenizer_path in a config) "
-                             "or set GPT_JAX_DATA to the folder that holds gpt2-bpe/ and gpt1-bpe/")
+        raise TokenizerError(f"the {kind} tokenizer needs its model file: pass a path (data.tokenizer_path in a config)")
     path = Path(path)
     if not path.exists():
         raise TokenizerError(f"tokenizer path {path} does not exist")

@@ -145,14 +145,16 @@ def test_compiles_once_per_bucket(tiny):
     generate(config, params, [[1, 2, 3, 4, 5]], 10, temperature=0.9, rng=0)
     before = _generate._cache_size()
     generate(config, params, [[7, 1, 2, 3, 4, 5, 6]], 10, temperature=0.5, rng=1)       # prompt 7 <= bucket 8
-    generate(config, params, [[9, 9]], 12, temperature=1.5, top_k=5, rng=2)            # 12 new <= bucket 16
+    generate(config, params, [[9, 9]], 12, temperature=1.5, rng=2)                      # 12 new <= bucket 16
     generate(config, params, [[3, 4, 5]], 9, top_p=0.7, rng=3)
-    generate(config, params, [[3, 4, 5]], 16, top_k=3, top_p=0.9, temperature=0.2, rng=jax.random.key(4))
     assert _generate._cache_size() == before
+    generate(config, params, [[9, 9]], 12, temperature=1.5, top_k=5, rng=2)             # top-k on: a new bucket
+    generate(config, params, [[3, 4, 5]], 16, top_k=3, top_p=0.9, temperature=0.2, rng=jax.random.key(4))
+    assert _generate._cache_size() == before + 1
     generate(config, params, [[1, 2]] * 5, 10, rng=0)                                  # batch 5 -> 8: a new bucket
-    assert _generate._cache_size() == before + 1
+    assert _generate._cache_size() == before + 2
     generate(config, params, [[3]] * 7, 16, rng=1, temperature=0.3)                     # the same bucket again
-    assert _generate._cache_size() == before + 1
+    assert _generate._cache_size() == before + 2
 
 
 def filtered_probs(logits, temperature, top_k, top_p):
@@ -172,6 +174,29 @@ def filtered_probs(logits, temperature, top_k, top_p):
         cum += p_sorted[rank]
     probs = np.where(keep, np.exp(z - z.max()), 0.0)
     return probs / probs.sum()
+
+
+def test_top_k_then_top_p_within_it_equals_the_full_sort_definition():
+    """lax.top_k's few best logits, then top-p among them, keep exactly the tokens that sorting the
+    whole vocabulary keeps (the numpy definition above), for many random logits and settings."""
+    from gpt_jax.generate import filter_logits, top_k_bucket
+
+    rng = np.random.default_rng(0)
+    V = 1000
+    for top_k, top_p in [(1, 1.0), (7, 1.0), (40, 0.9), (64, 0.5), (100, 0.95), (300, 0.3), (2000, 0.8), (0, 0.6)]:
+        logits = rng.standard_normal((8, V)) * rng.uniform(0.5, 4.0)
+        temperature = rng.uniform(0.5, 1.5)
+        out = np.asarray(filter_logits(logits.astype(np.float32), np.float32(temperature), np.int32(top_k),
+                                       np.float32(top_p), top_k_bucket(top_k, V)))
+        for row, filtered in zip(logits, out):
+            expected = filtered_probs(row, temperature, top_k, top_p)
+            kept = np.isfinite(filtered)
+            np.testing.assert_array_equal(kept, expected > 0, err_msg=f"top_k={top_k}, top_p={top_p}")
+            probs = np.exp(filtered[kept] - filtered[kept].max())
+            np.testing.assert_allclose(probs / probs.sum(), expected[kept], rtol=1e-4, atol=1e-7)
+    # with top-k on, the vocabulary is never sorted: lax.top_k finds the candidates, top-p sorts nothing more
+    traced = str(jax.make_jaxpr(lambda x: filter_logits(x, 1.0, 40, 0.9, top_k_bucket(40, V)))(logits.astype(np.float32)))
+    assert "top_k[" in traced and "sort[" not in traced, traced
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 6, None), (1.3, None, 0.8),
@@ -196,7 +221,6 @@ def test_first_token_distribution_matches_filtered_softmax(tiny, temperature, to
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(prompts=[[1] * 60], max_new_tokens=10), ["70 positions", "context of 64"]),
     (dict(prompts=[[]], max_new_tokens=5), ["prompt 0 is empty"]),
     (dict(prompts=[[1, 50]], max_new_tokens=5), ["token id 50", "[0, 50)"]),
     (dict(prompts=[[1, -1]], max_new_tokens=5), ["token id -1"]),
@@ -213,6 +237,41 @@ def test_bad_input_is_refused_before_compiling(tiny, kwargs, words):
         generate(config, params, **kwargs)
     for w in words:
         assert w in str(err.value), str(err.value)
+    assert _generate._cache_size() == before
+
+
+def cropped_greedy_reference(config, params, prompts, n):
+    """nanoGPT's sample loop, one prompt at a time: crop the context to the last n_positions tokens,
+    run the full model, take the argmax of the last position."""
+    from gpt_jax import GPT
+
+    forward = jax.jit(lambda ids: GPT(config).apply({"params": params}, ids)[0])
+    out = []
+    for prompt in prompts:
+        seq = list(prompt)
+        for _ in range(n):
+            context = seq[-config.n_positions:]
+            # padded on the right to one shape (one compilation); causal, so the padding changes nothing before it
+            logits = forward(np.array([context + [0] * (config.n_positions - len(context))]))[len(context) - 1]
+            seq.append(int(np.argmax(logits)))
+        out.append(seq[len(prompt):])
+    return out
+
+
+@pytest.mark.parametrize("preset", ["gpt2-tiny", "gpt1-tiny"])
+def test_past_the_context_window_conditions_on_the_last_n_positions(preset):
+    config = GPTConfig.preset(preset, n_layer=2, n_positions=16, vocab_size=50)
+    params = jax.tree.map(lambda x: x * 10, init_params(config, jax.random.key(1)))  # far from uniform
+    # ragged prompts, left-padded together: shorter than the window, exactly the window, longer than it
+    prompts = [[3, 1, 4], [1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7], list(range(20, 36)), list(range(1, 21))]
+    n = 40  # every row passes the 16-position window at least twice
+    out, lengths = generate(config, params, prompts, n, greedy=True)
+    assert lengths == [n] * len(prompts)
+    assert out == cropped_greedy_reference(config, params, prompts, n)
+    assert all(len(set(new[-20:])) > 2 for new in out), "degenerate reference; the test would prove little"
+    # alone, each prompt gives the same tokens as in the batch; another length in the bucket does not compile
+    before = _generate._cache_size()
+    assert generate(config, params, prompts[1:], n - 7, greedy=True)[0] == [o[:n - 7] for o in out[1:]]
     assert _generate._cache_size() == before
 
 
@@ -241,12 +300,44 @@ def test_sample_cli_streams_from_hf_directory(tmp_path):
     assert bad.returncode == 2 and "is not a training run" in bad.stderr
 
 
-def test_notebook_runs():
-    nbformat = pytest.importorskip("nbformat", reason="nbformat runs the example notebook (pip install -e '.[test]')")
-    nbclient = pytest.importorskip("nbclient", reason="nbclient runs the example notebook")
-    path = ROOT / "examples" / "generate.ipynb"
-    nb = nbformat.read(path, as_version=4)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(path.parent)}}).execute()
-    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "second call" in text and "Error" not in text
+def test_sample_cli_defaults_run_past_a_small_context(tmp_path):
+    """`python -m gpt_jax.sample --checkpoint RUN` with no options: its 200 new tokens exceed the
+    32-position context of the run, as they exceed the shipped small configs' 64 to 256."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(data_path("tinyshakespeare", "input.txt").read_text()[:20_000])
+    train = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(ROOT / "configs" / "quickstart.yaml"),
+                            "model.n_layer=1", "model.n_embd=32", "model.n_head=2", "model.n_positions=32",
+                            "train.batch_size=4", "train.steps=2", "train.eval_every=2", "train.eval_batches=1",
+                            "train.sample_tokens=0", f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}",
+                            f"train.out_dir={tmp_path / 'run'}"], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert train.returncode == 0, train.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "gpt_jax.sample", "--checkpoint", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "[200 tokens in" in proc.stderr and len(proc.stdout) >= 200
+
+
+def test_sample_cli_defaults_fit_every_shipped_pretraining_context(monkeypatch, capsys):
+    """`gpt_jax.sample.main` with no options but --checkpoint (200 new tokens, temperature 0.8) runs on a
+    model with the context of each shipped pretraining config (fine-tuning configs take the model of
+    their init_from run, sst2_pretrain's), one layer wide enough to be quick."""
+    import dataclasses
+
+    from gpt_jax import sample
+    from gpt_jax.config import load_config
+    from gpt_jax.tokenizer import CharTokenizer
+
+    tok = CharTokenizer.from_text("\n abcdefghijklmnopqrstuvwxyz")
+    contexts = {}
+    for path in sorted((ROOT / "configs").glob("*.yaml")):
+        config = load_config(path)
+        if config.mode == "pretrain":
+            contexts.setdefault(config.model.n_positions, []).append(path.name)
+    assert set(contexts) >= {64, 128, 256, 1024}, contexts
+    for n_positions, names in sorted(contexts.items()):
+        model = dataclasses.replace(TINY, n_layer=1, n_positions=n_positions, vocab_size=tok.vocab_size)
+        params = init_params(model, jax.random.key(0))
+        monkeypatch.setattr(sample, "load_for_sampling", lambda *_, m=model, p=params: (m, p, tok))
+        assert sample.main(["--checkpoint", "run"]) == 0, names
+        out, err = capsys.readouterr()
+        assert "[200 tokens in" in err and len(out) == 1 + 200, (names, err)  # the prompt "\n", then 200 characters

@@ -1,4 +1,5 @@
 import json
+import sys
 
 import pytest
 
@@ -78,6 +79,10 @@ def test_sentencepiece_train_and_load(tmp_path):
 
 def test_load_tokenizer_errors(tmp_path, monkeypatch):
     monkeypatch.delenv("GPT_JAX_DATA", raising=False)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))  # an empty Hugging Face cache, and no download
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.setitem(sys.modules, "huggingface_hub", None)
     with pytest.raises(TokenizerError, match="GPT_JAX_DATA"):
         load_tokenizer("gpt2")
     with pytest.raises(TokenizerError, match="encoder.json \\+ vocab.bpe or vocab.json \\+ merges.txt"):
