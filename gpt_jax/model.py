@@ -225,6 +225,8 @@ class CausalSelfAttention(nn.Module):
             dropout = nn.Dropout(cfg.attn_pdrop, deterministic=self.deterministic) if use_dropout else None
             y_BTNH = reference_attention(q_BTNH, k_BTNH, v_BTNH, _dense_mask(mask, T), dropout)
         else:  # a fused kernel: no dense mask, left padding (if any) as a count per row
+            if mask is not None and mask.ndim == 3:  # a left-padded causal mask (generation's window)
+                mask = T - jnp.sum(mask[:, -1, :T], axis=-1)  # the last query sees every real key
             y_BTNH = attention.fused_attention(kernel, q_BTNH, k_BTNH, v_BTNH, mask)
 
         # Residual projections start small, 0.02 / sqrt(2 * n_layer) (GPT-2 paper, section 2.3):
