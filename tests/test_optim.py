@@ -33,6 +33,8 @@ def test_decay_over_one_step_reaches_the_floor_at_decay_steps(kind):
     for warmup in (9, 10):  # decay_steps one step after the warmup, or at its end
         s = make_schedule(OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=warmup, schedule=kind, decay_steps=10), 100)
         np.testing.assert_allclose([float(s(warmup)), float(s(11))], [1e-3, 1e-4], rtol=1e-5)
+    s = make_schedule(OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1, schedule=kind, decay_steps=10), 100)
+    assert float(s(0)) == 0.0  # a one-step warmup still starts at 0
 
 
 def test_decay_mask_matrices_only():
