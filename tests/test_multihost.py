@@ -192,3 +192,38 @@ def test_two_processes_fine_tune_as_one(tmp_path, corpus):
                                [r["loss"] for r in one if r["kind"] == "train"], rtol=1e-5)
     assert [r["dev_accuracy"] for r in two if r["kind"] == "eval"] == [r["dev_accuracy"] for r in one
                                                                        if r["kind"] == "eval"]
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, corpus):
+    """SIGTERM to process 1 alone: both processes save one checkpoint at the same step and exit with
+    128 + 15, and process 0 says that another process received the signal."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "run"
+    port = free_port()
+    args = base_args(corpus, run_dir, tmp_path / "cache") + ["train.steps=100000", "train.eval_every=100000",
+                                                             "train.save_every=100000", "parallel.strategy=pmap"]
+    logs = [open(tmp_path / f"out{i}.txt", "w") for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args,
+                               f"parallel.coordinator_address=127.0.0.1:{port}", "parallel.num_processes=2",
+                               f"parallel.process_id={i}"], stdout=logs[i], stderr=subprocess.STDOUT, text=True,
+                              env=env(2), cwd=ROOT) for i in range(2)]
+    try:
+        deadline = time.time() + 300
+        while not ((run_dir / "metrics.jsonl").is_file() and len(train_records(run_dir)) >= 3):
+            assert time.time() < deadline and all(p.poll() is None for p in procs), (tmp_path / "out0.txt").read_text()
+            time.sleep(0.5)
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+        for f in logs:
+            f.close()
+    out0 = (tmp_path / "out0.txt").read_text()
+    assert codes == [128 + signal.SIGTERM] * 2, out0[-3000:]
+    saved = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    steps = [r["step"] for r in train_records(run_dir) if r["kind"] == "train"]
+    assert len(saved) == 1 and steps[-1] == saved[0] and steps == list(range(1, saved[0] + 1))
+    assert f"another process received SIGTERM: saved a checkpoint at step {saved[0]}" in out0

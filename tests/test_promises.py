@@ -14,7 +14,7 @@ from gpt_jax.model import GPT, lm_loss
 from gpt_jax.trainer import load_run, train
 
 PERIOD = 32  # the corpus repeats every 32 characters: with n_positions=31 every window of an epoch is the same
-MODEL = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.n_embd=32", "model.n_head=2",
+MODEL = ["model.preset=gpt2-tiny", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
          f"model.n_positions={PERIOD - 1}", "model.scan_layers=false"]
 
 
@@ -144,13 +144,15 @@ def test_best_holds_the_lowest_validation_loss(epoch_runs):
 
 
 def test_finetuning_starts_from_the_init_from_weights(epoch_runs, tmp_path):
-    """Two fine-tuning steps at learning rate 1e-6 leave the transformer where `init_from` put it, within
-    what two AdamW steps can move (a few times lr each)."""
+    """Two fine-tuning steps at learning rate 1e-6 leave the transformer where `init_from` put it (the run's
+    best checkpoint, here not its last), within what two AdamW steps can move (a few times lr each)."""
     from gpt_jax.cli import run_training
     from gpt_jax.finetune import load_finetuned
 
     pretrained = epoch_runs[0]
-    config, pre, _ = load_run(pretrained, "last")
+    config, pre, _ = load_run(pretrained, "best")
+    _, last, _ = load_run(pretrained, "last")
+    assert jnp.max(jnp.abs(last["wpe"]["embedding"] - pre["wpe"]["embedding"])) > 1e-2
     rows = [f"{text}\t{label}" for text, label in [("abc", 0), ("bad", 1), ("cafe", 0), ("head", 1)] * 2]
     (tmp_path / "train.tsv").write_text("sentence\tlabel\n" + "\n".join(rows) + "\n")
     code = run_training(None, ["mode=finetune", f"finetune.init_from={pretrained}",

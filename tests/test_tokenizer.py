@@ -52,6 +52,26 @@ def test_gpt1_bpe_matches_transformers_on_real_text():
     assert tok.decode(tok.encode("Hello, World!")) == "hello , world !"
 
 
+def test_gpt1_bpe_last_merges_match_transformers():
+    """Words spelled by the last 3,000 of the 40,000 merges (which ordinary text rarely reaches): the
+    encoding equals transformers' (its BasicTokenizer path, without ftfy / spacy), most of those merges'
+    tokens appear, and the very last merge makes its word a single token."""
+    transformers = pytest.importorskip("transformers", reason="transformers is the GPT-1 tokenizer reference")
+    root = data_path("gpt1-bpe")
+    tok = load_tokenizer("gpt1", root)
+    merges = [tuple(line.split()) for line in (root / "vocab_40000.bpe").read_text().split("\n")[1:] if line]
+    assert len(merges) == 40000
+    late = merges[-3000:]
+    text = " ".join((a + b).replace("</w>", "") for a, b in late) + " Bachelorette, BACHELORETTE!"
+    ref = transformers.OpenAIGPTTokenizer(vocab=json.loads((root / "encoder_bpe_40000.json").read_text()),
+                                          merges=merges)
+    ids = tok.encode(text)
+    assert ids == ref(text, add_special_tokens=False)["input_ids"]
+    made = {tok.encoder[a + b] for a, b in late}
+    assert len(made & set(ids)) > 0.8 * len(late)
+    assert merges[-1] == ("bachel", "orette</w>") and tok.encode("bachelorette") == [tok.encoder["bachelorette</w>"]]
+
+
 def test_char_tokenizer_round_trip_and_errors(tmp_path):
     tok = CharTokenizer.from_text("hello world\n")
     assert tok.vocab_size == 9 and tok.decode(tok.encode("low\nhe")) == "low\nhe"
