@@ -259,7 +259,8 @@ def test_finetuning_survives_sigkill_and_sigterm_bitwise(corpus, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM.value, err[-2000:]
     assert "received SIGTERM: saved a checkpoint at step" in out
     stopped = int(out.split("saved a checkpoint at step ")[1].split()[0])
-    assert stopped < 90 and [p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()] == [str(stopped)]
+    saved = [int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert stopped < 90 and max(saved) == stopped  # (a periodic save may come before it on a slow machine)
 
     proc = start(corpus, run_dir)  # resumes, and is killed somewhere after its next checkpoint
     ckpts = run_dir / "checkpoints"
