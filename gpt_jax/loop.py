@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 from gpt_jax.attention import describe as describe_attention
 from gpt_jax.checkpoint import Checkpointer
-from gpt_jax.config import Config, ConfigError, save_config
+from gpt_jax.config import Config, save_config
 from gpt_jax.distributed import any_process
 from gpt_jax.flops import device_peak_flops, flops_per_token
 from gpt_jax.parallel import make_strategy

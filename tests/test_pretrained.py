@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import data_path
 from gpt_jax import GPT, ConfigError, GPTConfig, init_params, lm_loss, load_pretrained, save_pretrained
 
 torch = pytest.importorskip("torch", reason="torch is needed for reference parity (pip install -e '.[test]')")
