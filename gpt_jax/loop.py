@@ -306,7 +306,7 @@ class Loop:
         self.bar = tqdm(total=tc.steps, initial=self.start, desc=self.task.kind, disable=not self.verbose,
                         dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
         self.note = self.bar.write if self.verbose else (lambda *a: None)  # tqdm.write prints even when disabled
-        self.pending, self.window_t, self.window_steps = None, time.time(), 0
+        self.pending, self.flush_t, self.window_s, self.window_steps = None, time.time(), 0.0, 0
         signals = Signals()
         chunks = Prefetcher(placed_chunks(self.task, self.strategy, self.start, self.data_state, tc.steps_per_call),
                             self.config.data.prefetch)
@@ -320,6 +320,7 @@ class Loop:
                 if boundary(tc, last) or stop:
                     self._flush()
                     self._checkpoint(last, data_state)
+                    self.flush_t = time.time()  # evaluation and saving are not training throughput
                 self.done_step = last
                 if stop:
                     self._stopped(signals, last)
@@ -359,6 +360,8 @@ class Loop:
         first, n, metrics = self.pending
         self.pending = None
         values = jax.device_get(self.strategy.metrics(metrics))
+        now = time.time()  # the call's time, shared by its n steps (tokens/s stays right when n > 1)
+        per_step, self.flush_t = (now - self.flush_t) / n, now
         for i in range(n):
             step = first + i
             m = {k: float(np.reshape(v, (n,))[i]) for k, v in values.items()}
@@ -366,17 +369,17 @@ class Loop:
                 raise nonfinite_error(step, m, self.ckpt, self.run_dir)
             m = self.task.observe(m)
             self.summary["loss"] = m["loss"]
-            self.window_steps += 1
+            self.window_steps, self.window_s = self.window_steps + 1, self.window_s + per_step
             if step % self.tc.log_every == 0 or step == self.tc.steps:
                 self._log(step, m)
         self.bar.update(n)
 
     def _log(self, step: int, m: dict):
-        tok_s = self.window_steps * self.task.tokens_per_step / max(time.time() - self.window_t, 1e-9)
+        tok_s = self.window_steps * self.task.tokens_per_step / max(self.window_s, 1e-9)
         self.log.write({"kind": "train", "step": step, **m, "tokens_per_s": tok_s,
                         "mfu": tok_s / self.task.tokens_per_step * self.flops_per_step / self.peak})
         self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{tok_s:,.0f}", refresh=False)
-        self.window_t, self.window_steps = time.time(), 0
+        self.window_s, self.window_steps = 0.0, 0
 
     def _checkpoint(self, step: int, data_state: dict):
         improved = False

@@ -109,6 +109,19 @@ def test_prefetch_and_steps_per_call_give_the_same_run_and_one_read_per_evaluati
     np.testing.assert_allclose(records(tmp_path / "ref", "eval")[-1]["val_loss"], direct, rtol=1e-5)
 
 
+def test_tokens_per_second_never_exceeds_what_the_clock_allows_with_several_steps_per_call(corpus, tmp_path,
+                                                                                           monkeypatch):
+    """Every read of a call's metrics takes at least 0.2 s here, so no call of n <= 3 steps can run
+    faster than n * tokens_per_step / 0.2 tokens/s; each logged rate must respect that bound."""
+    real_get = jax.device_get
+    monkeypatch.setattr(jax, "device_get", lambda x: (time.sleep(0.2), real_get(x))[1])
+    run_task(lm_config(corpus, tmp_path / "run", "train.steps=9", "train.eval_every=9", "train.save_every=9",
+                       "train.steps_per_call=3"))
+    rates = [r["tokens_per_s"] for r in records(tmp_path / "run")]
+    tokens_per_step = 8 * 16
+    assert len(rates) == 9 and all(0 < r <= 3 * tokens_per_step / 0.2 for r in rates), rates
+
+
 def test_prefetcher_keeps_order_passes_errors_and_stops_its_thread():
     def items():
         yield from range(5)
