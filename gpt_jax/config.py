@@ -44,7 +44,7 @@ RANGES = {
                  "process_id": "[0, inf)"},
     "finetune": {"max_examples": "[1, inf)", "lm_coef": "[0, inf)", "clf_pdrop": "[0, 1)", "dropout": "[0, 1)",
                  "lr": "(0, inf)", "batch_size": "[1, inf)", "epochs": "[1, inf)", "warmup_fraction": "[0, 1)",
-                 "weight_decay": "[0, inf)", "max_length": "[4, inf)"},
+                 "weight_decay": "[0, inf)", "max_length": "[4, inf)", "transfer_layers": "[0, inf)"},
 }
 
 
@@ -267,6 +267,10 @@ class FinetuneConfig:
     max_examples: Optional[int] = None  # use the first N training examples
     init_from: Optional[str] = None  # a training run directory or a Hugging Face GPT-2 / GPT-1 directory
     reinit: bool = False  # the init_from model's shape and tokenizer, but random weights (a baseline)
+    # GPT-1 Figure 2 (left): transfer the embeddings (token, position) and the first N blocks of init_from;
+    # blocks N.. are initialised as a random model's would be (reinit, same seed), and so is the final
+    # LayerNorm (pre-LN models) unless every block transfers: it normalises the top block's output. None: all.
+    transfer_layers: Optional[int] = None
     lm_coef: float = 0.5  # weight of the auxiliary language-modelling loss; 0 turns it off
     clf_pdrop: float = 0.1  # dropout before the linear head
     dropout: Optional[float] = 0.1  # transformer dropout while fine-tuning; None keeps the model's
@@ -284,6 +288,9 @@ class FinetuneConfig:
         if unknown:
             raise ConfigError(f"finetune.fields: unknown role(s) {sorted(unknown)}; roles are text, text_b, "
                               "choices, label")
+        if self.transfer_layers is not None and (self.init_from is None or self.reinit):
+            raise ConfigError(f"finetune.transfer_layers={self.transfer_layers} transfers blocks of a pretrained model: "
+                              "set finetune.init_from (and reinit false), or leave transfer_layers unset")
 
 
 @dataclass(frozen=True)
