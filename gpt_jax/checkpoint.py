@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the whole training state, saved asynchronously; the last N and the best kept.
+"""Orbax checkpoints of the whole training state, saved asynchronously; the last N (and every k-th
+step, if asked) and the best kept.
 
 A checkpoint holds the train state (params, optimizer state, step, RNG) and a JSON part (sampler
 state, resolved config, best validation loss, and a checksum of every array). Orbax writes each
@@ -104,14 +105,19 @@ def _quiet_known_noise() -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir, keep: int = 2, read_only: bool = False):
-        """`read_only`: a reader (sampling, evaluation) skips unreadable checkpoints without moving them."""
+    def __init__(self, run_dir, keep: int = 2, read_only: bool = False, keep_every: int | None = None):
+        """Keeps the newest `keep` checkpoints and every one whose step is a multiple of `keep_every`
+        (orbax decides from the steps on disk, so a resumed run keeps them too). `read_only`: a reader
+        (sampling, evaluation) skips unreadable checkpoints without moving them."""
         run_dir = Path(run_dir).resolve()
         self.read_only = read_only
         _quiet_known_noise()
 
-        def manager(name, keep_n):
-            options = ocp.CheckpointManagerOptions(max_to_keep=keep_n, create=not read_only,
+        def manager(name, keep_n, every=None):
+            policies = ocp.checkpoint_managers
+            keep_policy = policies.AnyPreservationPolicy(
+                [policies.LatestN(keep_n)] + ([policies.EveryNSteps(every)] if every is not None else []))
+            options = ocp.CheckpointManagerOptions(preservation_policy=keep_policy, create=not read_only,
                                                    cleanup_tmp_directories=not read_only,
                                                    enable_async_checkpointing=True,
                                                    # two managers save the same step at once: distinct barriers
@@ -120,7 +126,7 @@ class Checkpointer:
             handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
             return ocp.CheckpointManager(run_dir / name, options=options, item_handlers=handlers)
 
-        self.last, self.best = manager("checkpoints", keep), manager("best", 1)
+        self.last, self.best = manager("checkpoints", keep, keep_every), manager("best", 1)
 
     def save(self, step: int, state, meta: dict, best: bool = False) -> None:
         """Start an asynchronous save of `state` at `step` (and as the best one if `best`)."""

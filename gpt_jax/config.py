@@ -38,7 +38,7 @@ RANGES = {
               "grad_clip": "[0, inf)", "grad_accum": "[1, inf)", "warmup_fraction": "[0, 1)"},
     "train": {"seed": "[0, inf)", "batch_size": "[1, inf)", "steps": "[1, inf)", "eval_every": "[1, inf)",
               "eval_batches": "[1, inf)", "log_every": "[1, inf)", "save_every": "[1, inf)",
-              "keep_checkpoints": "[1, inf)", "sample_tokens": "[0, inf)", "sample_temperature": "[0, inf)",
+              "keep_checkpoints": "[1, inf)", "keep_every": "[1, inf)", "sample_tokens": "[0, inf)", "sample_temperature": "[0, inf)",
               "steps_per_call": "[1, inf)"},
     "parallel": {"data": "[1, inf) or -1", "fsdp": "[1, inf)", "tensor": "[1, inf)", "num_processes": "[1, inf)",
                  "process_id": "[0, inf)"},
@@ -214,8 +214,14 @@ def _out_dir_usable(t) -> None:
         raise ConfigError(f"train.out_dir={t.out_dir} lies under {parent}, which is a file; choose another train.out_dir")
 
 
+def _keep_every_saved(t) -> None:
+    if t.keep_every is not None and t.keep_every % t.save_every:
+        raise ConfigError(f"train.keep_every={t.keep_every} is not a multiple of train.save_every={t.save_every}, so "
+                          f"those steps may never be saved; set keep_every to a multiple of {t.save_every}")
+
+
 @dataclass(frozen=True)
-@_checked("train", _out_dir_usable)
+@_checked("train", _out_dir_usable, _keep_every_saved)
 class TrainConfig:
     seed: int = 0
     batch_size: int = 12  # global batch, in sequences per optimizer step
@@ -225,7 +231,8 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 500
     steps_per_call: int = 1  # optimizer steps per dispatch (a lax.scan over stacked batches)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept
+    keep_every: Optional[int] = None  # and, besides them, every checkpoint whose step is a multiple of this
     out_dir: str = "runs/default"
     sample_tokens: int = 0  # >0 prints a sample of this many tokens at each eval
     sample_prompt: str = "\n"
