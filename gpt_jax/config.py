@@ -174,6 +174,9 @@ class DataConfig:
     tokenizer: Literal["char", "gpt2", "gpt1", "sentencepiece"] = "char"
     tokenizer_path: Optional[str] = None  # BPE files / sentencepiece model; default: $GPT_JAX_DATA
     sentencepiece_vocab_size: int = 4096
+    # The text's form before tokenizing (gpt_jax/normalize.py): none as it is; sst as SST-2's sentences
+    # (lowercase, <br /> removed, Penn Treebank tokens: "it 's", "does n't", "great , but", `` quotes '').
+    normalize: Literal["none", "sst"] = "none"
     val_fraction: float = 0.1
     cache_dir: str = "data_cache"
     prefetch: int = 2  # batches a background thread prepares ahead of the step; 0 prepares them in the loop
