@@ -150,25 +150,37 @@ class Checkpointer:
         manager = manager or self.last
         for step in sorted(manager.all_steps(), reverse=True):
             try:
-                meta, saved_tree = self._read_meta(manager, step)
-                differences = array_differences(saved_tree, abstract_state)
-                if check is not None:
-                    check(meta, differences)
-                elif differences:
-                    raise RunDirError(f"the checkpoint at step {step} in {manager.directory} holds other arrays than "
-                                      f"its run's config.yaml describes: {'; '.join(differences[:3])}")
-                if differences:
-                    raise _Unreadable(f"its arrays disagree with its own saved config: {'; '.join(differences[:2])}")
-                state = self._read_state(manager, step, abstract_state)
-                expected = meta.pop("checksums", None)
-                if expected is not None:
-                    bad = [k for k, v in _named_checksums(state).items() if expected.get(k) != v]
-                    if bad:
-                        raise _Unreadable(f"{len(bad)} array(s) do not match their checksums, e.g. {bad[0]}")
-                return state, meta, step
+                return (*self._restore(manager, step, abstract_state, check), step)
             except _Unreadable as e:
                 self._set_aside(manager, step, str(e))
         return None
+
+    def restore_step(self, abstract_state, step: int):
+        """(state, meta) of the checkpoint at `step` (one that `keep_every` kept, say), or RunDirError."""
+        try:
+            return self._restore(self.last, step, abstract_state, None)
+        except _Unreadable as e:
+            raise RunDirError(f"the checkpoint at step {step} in {self.last.directory} cannot be restored ({e})") from None
+
+    def _restore(self, manager, step: int, abstract_state, check):
+        """(state, meta) of one checkpoint; _Unreadable if damaged, RunDirError (or `check`'s error) if
+        it belongs to another run."""
+        meta, saved_tree = self._read_meta(manager, step)
+        differences = array_differences(saved_tree, abstract_state)
+        if check is not None:
+            check(meta, differences)
+        elif differences:
+            raise RunDirError(f"the checkpoint at step {step} in {manager.directory} holds other arrays than "
+                              f"its run's config.yaml describes: {'; '.join(differences[:3])}")
+        if differences:
+            raise _Unreadable(f"its arrays disagree with its own saved config: {'; '.join(differences[:2])}")
+        state = self._read_state(manager, step, abstract_state)
+        expected = meta.pop("checksums", None)
+        if expected is not None:
+            bad = [k for k, v in _named_checksums(state).items() if expected.get(k) != v]
+            if bad:
+                raise _Unreadable(f"{len(bad)} array(s) do not match their checksums, e.g. {bad[0]}")
+        return state, meta
 
     @staticmethod
     def _read_meta(manager, step):
