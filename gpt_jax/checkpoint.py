@@ -1,4 +1,5 @@
-"""Orbax checkpoints of the whole training state, saved asynchronously; the last N and the best kept.
+"""Orbax checkpoints of the whole training state, saved asynchronously; the last N (and every k-th
+step, if asked) and the best kept.
 
 A checkpoint holds the train state (params, optimizer state, step, RNG) and a JSON part (sampler
 state, resolved config, best validation loss, and a checksum of every array). Orbax writes each
@@ -104,14 +105,19 @@ def _quiet_known_noise() -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir, keep: int = 2, read_only: bool = False):
-        """`read_only`: a reader (sampling, evaluation) skips unreadable checkpoints without moving them."""
+    def __init__(self, run_dir, keep: int = 2, read_only: bool = False, keep_every: int | None = None):
+        """Keeps the newest `keep` checkpoints and every one whose step is a multiple of `keep_every`
+        (orbax decides from the steps on disk, so a resumed run keeps them too). `read_only`: a reader
+        (sampling, evaluation) skips unreadable checkpoints without moving them."""
         run_dir = Path(run_dir).resolve()
         self.read_only = read_only
         _quiet_known_noise()
 
-        def manager(name, keep_n):
-            options = ocp.CheckpointManagerOptions(max_to_keep=keep_n, create=not read_only,
+        def manager(name, keep_n, every=None):
+            policies = ocp.checkpoint_managers
+            keep_policy = policies.AnyPreservationPolicy(
+                [policies.LatestN(keep_n)] + ([policies.EveryNSteps(every)] if every is not None else []))
+            options = ocp.CheckpointManagerOptions(preservation_policy=keep_policy, create=not read_only,
                                                    cleanup_tmp_directories=not read_only,
                                                    enable_async_checkpointing=True,
                                                    # two managers save the same step at once: distinct barriers
@@ -120,7 +126,7 @@ class Checkpointer:
             handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
             return ocp.CheckpointManager(run_dir / name, options=options, item_handlers=handlers)
 
-        self.last, self.best = manager("checkpoints", keep), manager("best", 1)
+        self.last, self.best = manager("checkpoints", keep, keep_every), manager("best", 1)
 
     def save(self, step: int, state, meta: dict, best: bool = False) -> None:
         """Start an asynchronous save of `state` at `step` (and as the best one if `best`)."""
@@ -144,25 +150,37 @@ class Checkpointer:
         manager = manager or self.last
         for step in sorted(manager.all_steps(), reverse=True):
             try:
-                meta, saved_tree = self._read_meta(manager, step)
-                differences = array_differences(saved_tree, abstract_state)
-                if check is not None:
-                    check(meta, differences)
-                elif differences:
-                    raise RunDirError(f"the checkpoint at step {step} in {manager.directory} holds other arrays than "
-                                      f"its run's config.yaml describes: {'; '.join(differences[:3])}")
-                if differences:
-                    raise _Unreadable(f"its arrays disagree with its own saved config: {'; '.join(differences[:2])}")
-                state = self._read_state(manager, step, abstract_state)
-                expected = meta.pop("checksums", None)
-                if expected is not None:
-                    bad = [k for k, v in _named_checksums(state).items() if expected.get(k) != v]
-                    if bad:
-                        raise _Unreadable(f"{len(bad)} array(s) do not match their checksums, e.g. {bad[0]}")
-                return state, meta, step
+                return (*self._restore(manager, step, abstract_state, check), step)
             except _Unreadable as e:
                 self._set_aside(manager, step, str(e))
         return None
+
+    def restore_step(self, abstract_state, step: int):
+        """(state, meta) of the checkpoint at `step` (one that `keep_every` kept, say), or RunDirError."""
+        try:
+            return self._restore(self.last, step, abstract_state, None)
+        except _Unreadable as e:
+            raise RunDirError(f"the checkpoint at step {step} in {self.last.directory} cannot be restored ({e})") from None
+
+    def _restore(self, manager, step: int, abstract_state, check):
+        """(state, meta) of one checkpoint; _Unreadable if damaged, RunDirError (or `check`'s error) if
+        it belongs to another run."""
+        meta, saved_tree = self._read_meta(manager, step)
+        differences = array_differences(saved_tree, abstract_state)
+        if check is not None:
+            check(meta, differences)
+        elif differences:
+            raise RunDirError(f"the checkpoint at step {step} in {manager.directory} holds other arrays than "
+                              f"its run's config.yaml describes: {'; '.join(differences[:3])}")
+        if differences:
+            raise _Unreadable(f"its arrays disagree with its own saved config: {'; '.join(differences[:2])}")
+        state = self._read_state(manager, step, abstract_state)
+        expected = meta.pop("checksums", None)
+        if expected is not None:
+            bad = [k for k, v in _named_checksums(state).items() if expected.get(k) != v]
+            if bad:
+                raise _Unreadable(f"{len(bad)} array(s) do not match their checksums, e.g. {bad[0]}")
+        return state, meta
 
     @staticmethod
     def _read_meta(manager, step):

@@ -38,13 +38,13 @@ RANGES = {
               "grad_clip": "[0, inf)", "grad_accum": "[1, inf)", "warmup_fraction": "[0, 1)"},
     "train": {"seed": "[0, inf)", "batch_size": "[1, inf)", "steps": "[1, inf)", "eval_every": "[1, inf)",
               "eval_batches": "[1, inf)", "log_every": "[1, inf)", "save_every": "[1, inf)",
-              "keep_checkpoints": "[1, inf)", "sample_tokens": "[0, inf)", "sample_temperature": "[0, inf)",
+              "keep_checkpoints": "[1, inf)", "keep_every": "[1, inf)", "sample_tokens": "[0, inf)", "sample_temperature": "[0, inf)",
               "steps_per_call": "[1, inf)"},
     "parallel": {"data": "[1, inf) or -1", "fsdp": "[1, inf)", "tensor": "[1, inf)", "num_processes": "[1, inf)",
                  "process_id": "[0, inf)"},
     "finetune": {"max_examples": "[1, inf)", "lm_coef": "[0, inf)", "clf_pdrop": "[0, 1)", "dropout": "[0, 1)",
                  "lr": "(0, inf)", "batch_size": "[1, inf)", "epochs": "[1, inf)", "warmup_fraction": "[0, 1)",
-                 "weight_decay": "[0, inf)", "max_length": "[4, inf)"},
+                 "weight_decay": "[0, inf)", "max_length": "[4, inf)", "transfer_layers": "[0, inf)"},
 }
 
 
@@ -174,6 +174,9 @@ class DataConfig:
     tokenizer: Literal["char", "gpt2", "gpt1", "sentencepiece"] = "char"
     tokenizer_path: Optional[str] = None  # BPE files / sentencepiece model; default: $GPT_JAX_DATA
     sentencepiece_vocab_size: int = 4096
+    # The text's form before tokenizing (gpt_jax/normalize.py): none as it is; sst as SST-2's sentences
+    # (lowercase, <br /> removed, Penn Treebank tokens: "it 's", "does n't", "great , but", `` quotes '').
+    normalize: Literal["none", "sst"] = "none"
     val_fraction: float = 0.1
     cache_dir: str = "data_cache"
     prefetch: int = 2  # batches a background thread prepares ahead of the step; 0 prepares them in the loop
@@ -214,8 +217,14 @@ def _out_dir_usable(t) -> None:
         raise ConfigError(f"train.out_dir={t.out_dir} lies under {parent}, which is a file; choose another train.out_dir")
 
 
+def _keep_every_saved(t) -> None:
+    if t.keep_every is not None and t.keep_every % t.save_every:
+        raise ConfigError(f"train.keep_every={t.keep_every} is not a multiple of train.save_every={t.save_every}, so "
+                          f"those steps may never be saved; set keep_every to a multiple of {t.save_every}")
+
+
 @dataclass(frozen=True)
-@_checked("train", _out_dir_usable)
+@_checked("train", _out_dir_usable, _keep_every_saved)
 class TrainConfig:
     seed: int = 0
     batch_size: int = 12  # global batch, in sequences per optimizer step
@@ -225,7 +234,8 @@ class TrainConfig:
     log_every: int = 10
     save_every: int = 500
     steps_per_call: int = 1  # optimizer steps per dispatch (a lax.scan over stacked batches)
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept
+    keep_every: Optional[int] = None  # and, besides them, every checkpoint whose step is a multiple of this
     out_dir: str = "runs/default"
     sample_tokens: int = 0  # >0 prints a sample of this many tokens at each eval
     sample_prompt: str = "\n"
@@ -267,6 +277,10 @@ class FinetuneConfig:
     max_examples: Optional[int] = None  # use the first N training examples
     init_from: Optional[str] = None  # a training run directory or a Hugging Face GPT-2 / GPT-1 directory
     reinit: bool = False  # the init_from model's shape and tokenizer, but random weights (a baseline)
+    # GPT-1 Figure 2 (left): transfer the embeddings (token, position) and the first N blocks of init_from;
+    # blocks N.. are initialised as a random model's would be (reinit, same seed), and so is the final
+    # LayerNorm (pre-LN models) unless every block transfers: it normalises the top block's output. None: all.
+    transfer_layers: Optional[int] = None
     lm_coef: float = 0.5  # weight of the auxiliary language-modelling loss; 0 turns it off
     clf_pdrop: float = 0.1  # dropout before the linear head
     dropout: Optional[float] = 0.1  # transformer dropout while fine-tuning; None keeps the model's
@@ -284,6 +298,9 @@ class FinetuneConfig:
         if unknown:
             raise ConfigError(f"finetune.fields: unknown role(s) {sorted(unknown)}; roles are text, text_b, "
                               "choices, label")
+        if self.transfer_layers is not None and (self.init_from is None or self.reinit):
+            raise ConfigError(f"finetune.transfer_layers={self.transfer_layers} transfers blocks of a pretrained model: "
+                              "set finetune.init_from (and reinit false), or leave transfer_layers unset")
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,11 @@
 """Corpus -> token .bin files + manifest, and a deterministic, resumable, per-process batch sampler.
 
 `prepare(data_config)` resolves the source (a text file, a directory, a glob, a URL, or the built-in
-`python-stdlib` corpus), tokenizes it in chunks (so corpora larger than memory stream through),
-splits it into train / val by bytes (the last `val_fraction` is val, as nanoGPT does), and writes
+`python-stdlib` corpus), puts its text in the `normalize` form (`gpt_jax.normalize`), tokenizes it in
+chunks (so corpora larger than memory stream through), splits it into train / val by bytes (the last `val_fraction` is val, as nanoGPT does), and writes
 `train.bin` / `val.bin` (uint16 when the vocabulary fits, else uint32) with `manifest.json`. The
-result is cached under `cache_dir` by a key over the source contents and the tokenizer, so a
-second run reuses it.
+result is cached under `cache_dir` by a key over the source contents, the normalisation and the
+tokenizer, so a second run reuses it.
 
 `Sampler` cuts a token stream into windows of `block_size + 1` tokens; which windows make batch k
 is a function of (seed, epoch, cursor) alone, windows are drawn without replacement within an
@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from gpt_jax.cli import entry_point
 from gpt_jax.config import DataConfig
+from gpt_jax.normalize import NORMALIZERS, normalize
 from gpt_jax.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
 
 CHUNK_BYTES = 8 << 20
@@ -160,6 +161,23 @@ def _text_chunks(path: Path, start: int = 0, stop: int | None = None):
             carry = text[cut + 1:]
 
 
+def _normalized_copies(files: list[Path], kind: str, out: Path, verbose: bool) -> list[Path]:
+    """The source files in the `data.normalize` form, written under `out`: the tokenizer, the split and
+    the tokens are all made from them. Chunks end at a line break and normalisation keeps lines."""
+    if kind == "none":
+        return files
+    out.mkdir()
+    copies = [out / f"{i:05d}-{f.name}" for i, f in enumerate(files)]
+    with tqdm(total=sum(f.stat().st_size for f in files), unit="B", unit_scale=True, desc=f"normalizing ({kind})",
+              disable=not verbose, file=sys.stdout) as bar:
+        for f, copy in zip(files, copies):
+            with open(copy, "w", encoding="utf-8") as sink:
+                for chunk in _text_chunks(f):
+                    sink.write(normalize(chunk, kind))
+                    bar.update(len(chunk.encode("utf-8")))
+    return copies
+
+
 def _split_point(files: list[Path], val_fraction: float) -> tuple[int, int]:
     """(file index, byte offset) where val starts: the last `val_fraction` of all bytes."""
     sizes = [f.stat().st_size for f in files]
@@ -202,6 +220,7 @@ class PreparedData:
 def _cache_key(cfg: DataConfig, files: list[Path], hashes: list[str]) -> str:
     spec = {"version": FORMAT_VERSION, "tokenizer": cfg.tokenizer, "tokenizer_path": cfg.tokenizer_path,
             "sp_vocab": cfg.sentencepiece_vocab_size if cfg.tokenizer == "sentencepiece" else None,
+            "normalize": cfg.normalize,
             "val_fraction": cfg.val_fraction, "files": [[f.name, h] for f, h in zip(files, hashes)]}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -221,19 +240,20 @@ def prepare(cfg: DataConfig, verbose: bool = True) -> PreparedData:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    tok = _build_tokenizer(cfg, files, tmp)
+    texts = _normalized_copies(files, cfg.normalize, tmp / "normalized", verbose)
+    tok = _build_tokenizer(cfg, texts, tmp)
     if tok.kind == "sentencepiece" and cfg.tokenizer_path is None:
         spec = {"kind": "sentencepiece", "path": str((out / "tokenizer.model").resolve())}
     else:
         spec = tok.spec()
     dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-    split_file, split_byte = _split_point(files, cfg.val_fraction)
+    split_file, split_byte = _split_point(texts, cfg.val_fraction)
     counts = {"train": 0, "val": 0}
-    total = sum(f.stat().st_size for f in files)
+    total = sum(f.stat().st_size for f in texts)
     with open(tmp / "train.bin", "wb") as train_f, open(tmp / "val.bin", "wb") as val_f, \
             tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {name}", disable=not verbose,
                  file=sys.stdout) as bar:
-        for i, f in enumerate(files):
+        for i, f in enumerate(texts):
             ranges = [("train", 0, None)] if i < split_file else [("val", 0, None)] if i > split_file else \
                 [("train", 0, split_byte), ("val", split_byte, None)]
             for split, start, stop in ranges:
@@ -243,14 +263,15 @@ def prepare(cfg: DataConfig, verbose: bool = True) -> PreparedData:
                     ids.tofile(sink)
                     counts[split] += len(ids)
                     bar.update(len(chunk.encode("utf-8")))
-                if tok.eot_id is not None and len(files) > 1 and (stop is None):
+                if tok.eot_id is not None and len(texts) > 1 and (stop is None):
                     np.asarray([tok.eot_id], dtype).tofile(sink)  # document boundary
                     counts[split] += 1
+    shutil.rmtree(tmp / "normalized", ignore_errors=True)
     if counts["train"] == 0 or counts["val"] == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"data.source {cfg.source!r} gave {counts['train']} train and {counts['val']} val tokens; "
                         "it needs text in both splits (use more text or another data.val_fraction)")
-    manifest = {"version": FORMAT_VERSION, "source": cfg.source, "tokenizer": spec, "vocab_size": tok.vocab_size,
+    manifest = {"version": FORMAT_VERSION, "source": cfg.source, "normalize": cfg.normalize, "tokenizer": spec, "vocab_size": tok.vocab_size,
                 "dtype": np.dtype(dtype).name, "train_tokens": counts["train"], "val_tokens": counts["val"],
                 "files": [{"path": str(f), "sha256": h, "bytes": f.stat().st_size} for f, h in zip(files, hashes)]}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
@@ -328,18 +349,19 @@ def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, n_batches
 
 @entry_point
 def main(argv=None) -> int:
-    """python -m gpt_jax.data SOURCE [--tokenizer KIND] [--tokenizer-path P] [--cache-dir D]"""
+    """python -m gpt_jax.data SOURCE [--tokenizer KIND] [--tokenizer-path P] [--normalize none|sst] [--cache-dir D]"""
     import argparse
 
     parser = argparse.ArgumentParser(description="Tokenize a corpus into cached train.bin / val.bin files.")
     parser.add_argument("source", help="text file, directory, glob, URL, or python-stdlib")
     parser.add_argument("--tokenizer", default="char", choices=["char", "gpt2", "gpt1", "sentencepiece"])
     parser.add_argument("--tokenizer-path", default=None)
+    parser.add_argument("--normalize", default="none", choices=NORMALIZERS, help="the text's form (gpt_jax.normalize)")
     parser.add_argument("--val-fraction", type=float, default=0.1)
     parser.add_argument("--cache-dir", default="data_cache")
     args = parser.parse_args(argv)
     prepared = prepare(DataConfig(source=args.source, tokenizer=args.tokenizer, tokenizer_path=args.tokenizer_path,
-                                  val_fraction=args.val_fraction, cache_dir=args.cache_dir))
+                                  normalize=args.normalize, val_fraction=args.val_fraction, cache_dir=args.cache_dir))
     m = prepared.manifest
     print(f"{m['train_tokens']:,} train / {m['val_tokens']:,} val tokens ({m['dtype']}) in {prepared.dir}")
     return 0

@@ -4,14 +4,18 @@
     python -m gpt_jax.evaluate --checkpoint PATH choice --input dev.tsv --labels 0 1 \\
         --candidates " terrible" " great" [--template "{text} it was"] [--text-field sentence --label-field label]
     python -m gpt_jax.evaluate --checkpoint PATH choice --input mc.jsonl --text-field context --choices-field endings
-    python -m gpt_jax.evaluate --checkpoint PATH benchmark wikitext2|ptb|lambada [--data-dir DIR] [--stride 512]
+    python -m gpt_jax.evaluate --checkpoint PATH benchmark wikitext2|ptb|lambada|sst2 [--data-dir DIR] [--stride 512]
+    python -m gpt_jax.evaluate --checkpoint RUN --step 3000 ...   # a kept checkpoint of a training run
 
 `perplexity` slides a window of the model's context over the text with the given stride, as in the
 GPT-2 paper: every token is scored once, with up to `context - stride` tokens of earlier text.
 `choice` scores each candidate continuation by the model's log-likelihood of its tokens after the
 prompt and predicts the most likely: for classification the candidates stand for the labels in
-order; for multiple choice they are each example's choices. `benchmark` runs the GPT-2 paper's
-zero-shot protocol on a published test set (see `gpt_jax.zeroshot`).
+order; for multiple choice they are each example's choices. A candidate's tokens are those that
+follow the prompt's in the encoding of prompt + candidate (how the model saw such text in training).
+`benchmark` runs the GPT-2 paper's zero-shot protocol on a published test set, or GPT-1's zero-shot
+SST-2 heuristic (see `gpt_jax.zeroshot`). `--step` evaluates the checkpoint a training run kept at
+that step (`train.keep_every`) instead of its best.
 """
 
 from __future__ import annotations
@@ -110,6 +114,17 @@ def continuation_logprobs(config: GPTConfig, params, prompts, continuations, bat
     return out
 
 
+def split_continuation(tokenizer, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(prompt ids, continuation ids) as the tokenizer writes prompt + continuation: the ids after the
+    prompt's in the whole text's encoding (a sentencepiece model writes " positive" on its own with an
+    extra "▁" piece, but after "very" as "▁positive"), or the continuation's own encoding when the whole
+    does not begin with the prompt's ids."""
+    prompt_ids, whole = tokenizer.encode(prompt), tokenizer.encode(prompt + continuation)
+    if whole[:len(prompt_ids)] == prompt_ids and len(whole) > len(prompt_ids):
+        return prompt_ids, whole[len(prompt_ids):]
+    return prompt_ids, tokenizer.encode(continuation)
+
+
 def choice_accuracy(config, params, tokenizer, records, *, text_field="sentence", label_field="label", labels=None,
                     candidates=None, choices_field=None, template="{text}", path="input") -> dict:
     """Zero-shot classification (candidates per label) or multiple choice (choices per example)."""
@@ -117,7 +132,7 @@ def choice_accuracy(config, params, tokenizer, records, *, text_field="sentence"
 
     prompts, conts, n_options, gold = [], [], None, []
     for no, record in records:
-        prompt = tokenizer.encode(template.format(text=field(record, text_field, path, no, "text")))
+        prompt = template.format(text=field(record, text_field, path, no, "text"))
         if choices_field:
             options = field(record, choices_field, path, no, "choices")
             if not isinstance(options, list):
@@ -129,8 +144,9 @@ def choice_accuracy(config, params, tokenizer, records, *, text_field="sentence"
         if len(options) != n_options:
             raise DataError(f"{path} line {no}: {len(options)} choices, but earlier examples have {n_options}")
         for opt in options:
-            prompts.append(prompt)
-            conts.append(tokenizer.encode(str(opt)))
+            prompt_ids, cont_ids = split_continuation(tokenizer, prompt, str(opt))
+            prompts.append(prompt_ids)
+            conts.append(cont_ids)
         value = str(field(record, label_field, path, no, "label"))
         if choices_field:
             if not value.isdigit() or int(value) >= n_options:
@@ -150,6 +166,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a training run directory or a Hugging Face directory")
     parser.add_argument("--tokenizer", help="tokenizer files, if not the checkpoint's")
+    parser.add_argument("--step", type=at_least(0), help="a training run's checkpoint at this step (default: its best)")
     sub = parser.add_subparsers(dest="what", required=True)
     ppl = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
     ppl.add_argument("--input", required=True)
@@ -162,11 +179,12 @@ def main(argv=None) -> int:
     ch.add_argument("--candidates", nargs="+", help="one continuation per label")
     ch.add_argument("--choices-field", help="multiple choice: the field with each example's list of choices")
     ch.add_argument("--template", default="{text}", help="the prompt, with {text} for the example's text")
-    bench = sub.add_parser("benchmark", help="WikiText-2 / PTB perplexity or LAMBADA accuracy, GPT-2 paper protocol")
-    bench.add_argument("name", choices=["wikitext2", "ptb", "lambada"])
-    bench.add_argument("--split", default="test")
-    bench.add_argument("--data-dir", help="the folder holding wikitext-2/, ptb/, lambada/ (default $GPT_JAX_DATA "
-                       "or ../shared/data)")
+    bench = sub.add_parser("benchmark", help="WikiText-2 / PTB perplexity or LAMBADA accuracy (GPT-2 paper "
+                           "protocol), SST-2 accuracy (GPT-1's ' very' heuristic)")
+    bench.add_argument("name", choices=["wikitext2", "ptb", "lambada", "sst2"])
+    bench.add_argument("--split", help="test (sst2: dev) unless given")
+    bench.add_argument("--data-dir", help="the folder holding wikitext-2/, ptb/, lambada/, sst2/ (default "
+                       "$GPT_JAX_DATA or ../shared/data)")
     bench.add_argument("--stride", type=at_least(1),
                        help="WikiText / PTB: tokens the window moves (default: the context)")
     args = parser.parse_args(argv)
@@ -176,10 +194,10 @@ def main(argv=None) -> int:
         from gpt_jax import zeroshot
 
         zeroshot.data_file(args.name, args.split, args.data_dir)  # a missing file before the model loads
-        config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer)
+        config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer, args.step)
         print(zeroshot.describe(zeroshot.run(args.name, config, params, tok, args.split, args.data_dir, args.stride)))
         return 0
-    config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer)
+    config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer, args.step)
     if args.what == "perplexity":
         r = perplexity(config, params, tok.encode(read_text(args.input)), args.stride)
         print(f"perplexity {r['perplexity']:.4f} (nll {r['nll']:.4f} per token) over {r['tokens']:,} tokens, "

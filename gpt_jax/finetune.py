@@ -144,7 +144,22 @@ def load_base(cfg: FinetuneConfig, config: Config, rng):
     model, params, tokenizer = load_for_sampling(str(path))
     if cfg.reinit:
         params = init_params(model, rng)
+    elif cfg.transfer_layers is not None:
+        if cfg.transfer_layers > model.n_layer:
+            raise ConfigError(f"finetune.transfer_layers={cfg.transfer_layers} is more than the {model.n_layer} blocks "
+                              f"of {cfg.init_from}; give 0..{model.n_layer}")
+        params = transfer(params, init_params(model, rng), cfg.transfer_layers)
     return model, params, tokenizer
+
+
+def transfer(pretrained, fresh, n: int):
+    """The embeddings and blocks [0, n) of `pretrained`, blocks n.. of `fresh` (the blocks are stacked
+    on a leading layer axis); the final LayerNorm of a pre-LN model from `fresh` unless all transfer."""
+    n_layer = jax.tree.leaves(fresh["h"])[0].shape[0]
+    params = {**pretrained, "h": jax.tree.map(lambda p, f: jnp.concatenate([p[:n], f[n:]]), pretrained["h"], fresh["h"])}
+    if "ln_f" in fresh and n < n_layer:
+        params["ln_f"] = fresh["ln_f"]
+    return params
 
 
 def _with_dropout(model: GPTConfig, p):
@@ -226,7 +241,8 @@ class FinetuneTask:
     def describe(self) -> list[str]:
         cfg, tc, train, dev = self.config.finetune, self.config.train, self.train, self.dev
         lines = [f"fine-tuning ({cfg.task}, labels {self.labels if self.labels else 'choice index'}) from "
-                 f"{cfg.init_from or 'random initialisation'}{' (re-initialised)' if cfg.reinit else ''}: "
+                 f"{cfg.init_from or 'random initialisation'}{' (re-initialised)' if cfg.reinit else ''}"
+                 f"{'' if cfg.transfer_layers is None else f' (embeddings and {cfg.transfer_layers} block(s) transferred)'}: "
                  f"{len(train)} training examples{f', {len(dev)} dev' if dev else ''}; {train.tokens.shape[1]} "
                  f"sequence(s) of {self.seq_len} tokens per example; batch {tc.batch_size}, {cfg.epochs} epochs = "
                  f"{tc.steps} steps; lm_coef {cfg.lm_coef}"]

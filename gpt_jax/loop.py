@@ -210,7 +210,7 @@ def open_run(task, strategy, abstract, say):
     run_dir = Path(config.train.out_dir)
     lock = lock_run_dir(run_dir)  # one run per directory
     try:
-        ckpt = Checkpointer(run_dir, keep=config.train.keep_checkpoints)
+        ckpt = Checkpointer(run_dir, keep=config.train.keep_checkpoints, keep_every=config.train.keep_every)
         # another run's checkpoint stops the command; only an unreadable one is set aside
         restored = ckpt.restore_latest(strategy.restore_target(abstract),
                                        check=resume_check(run_dir, config, task.tokenizer))

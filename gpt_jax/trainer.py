@@ -225,18 +225,26 @@ def dry_run(config: Config) -> dict:
     return report
 
 
-def restore_params(run_dir, which: str = "best"):
-    """The parameters of a run's best (or last) checkpoint on one device, whatever strategy saved
-    them: the shapes come from the checkpoint's own metadata, so no optimizer is rebuilt."""
+def restore_params(run_dir, which: str = "best", step: int | None = None):
+    """The parameters of a run's best (or last, or given `step`'s) checkpoint on one device, whatever
+    strategy saved them: the shapes come from the checkpoint's own metadata, so no optimizer is rebuilt."""
     ckpt = Checkpointer(run_dir, read_only=True)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def abstract(manager, at):
+        tree = ocp.StandardCheckpointHandler().metadata(manager.directory / str(at) / "state")
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), dict(tree))
+
     try:
+        if step is not None:
+            if step not in ckpt.steps():
+                raise ConfigError(f"{run_dir} has no checkpoint at step {step}; its checkpoints are at steps "
+                                  f"{ckpt.steps()} (train.keep_every keeps more)")
+            return ckpt.restore_step(abstract(ckpt.last, step), step)[0]["params"]
         for manager in (ckpt.best, ckpt.last) if which == "best" else (ckpt.last,):
             if not manager.all_steps():
                 continue
-            tree = ocp.StandardCheckpointHandler().metadata(manager.directory / str(max(manager.all_steps())) / "state")
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), dict(tree))
-            restored = ckpt.restore_latest(abstract, manager)
+            restored = ckpt.restore_latest(abstract(manager, max(manager.all_steps())), manager)
             if restored is not None:
                 return restored[0]["params"]
     finally:
@@ -244,9 +252,10 @@ def restore_params(run_dir, which: str = "best"):
     raise ConfigError(f"{run_dir} has no checkpoint that restores")
 
 
-def load_run(run_dir, which: str = "best"):
-    """(Config, params, tokenizer) of a training run directory: the best checkpoint, or the last. For
-    a fine-tuning run, the language model (with its 3 special-token rows) without the head."""
+def load_run(run_dir, which: str = "best", step: int | None = None):
+    """(Config, params, tokenizer) of a training run directory: the best checkpoint, the last, or the
+    one at `step`. For a fine-tuning run, the language model (with its 3 special-token rows) without
+    the head."""
     from gpt_jax.config import load_config
     from gpt_jax.tokenizer import load_tokenizer
 
@@ -256,7 +265,7 @@ def load_run(run_dir, which: str = "best"):
             raise ConfigError(f"{run_dir} is not a training run: {name} is missing")
     config = load_config(run_dir / "config.yaml", saved_run=True)
     tokenizer = load_tokenizer(json.loads((run_dir / "tokenizer.json").read_text()))
-    params = restore_params(run_dir, which)
+    params = restore_params(run_dir, which, step)
     return config, params["gpt"] if config.mode == "finetune" else params, tokenizer
 
 

@@ -1,6 +1,7 @@
-"""Zero-shot language-modelling benchmarks of the GPT-2 paper (Table 3): WikiText-2, PTB, LAMBADA.
+"""Zero-shot language-modelling benchmarks of the GPT-2 paper (Table 3): WikiText-2, PTB, LAMBADA;
+and GPT-1's zero-shot SST-2 heuristic (Figure 2, right).
 
-    python -m gpt_jax.evaluate --checkpoint PATH benchmark wikitext2|ptb|lambada [--split test] [--stride N]
+    python -m gpt_jax.evaluate --checkpoint PATH [--step N] benchmark wikitext2|ptb|lambada|sst2 [--split S] [--stride N]
 
 WikiText-2 and PTB: the test file is detokenised (the paper used invertible detokenisers so that a
 model trained on raw text reads natural text), scored with a sliding window, and reported as
@@ -9,7 +10,9 @@ plus one <eos> per line: 245,569 for WikiText-2 test, 82,430 for PTB test), the 
 report. LAMBADA: each passage's last word is the target; accuracy counts passages whose target is
 the model's greedy continuation as a whole word (every one of its tokens the argmax, so multi-token
 words must be right throughout), and perplexity is exp of the mean negative log-likelihood of the
-target word. Files come from `$GPT_JAX_DATA` (see the data README) or `--data-dir`.
+target word. SST-2: each dev sentence followed by " very"; the prediction is positive when the model
+gives " positive" a higher log-likelihood than " negative" there (each word's tokens summed, as a
+subword vocabulary may split it). Files come from `$GPT_JAX_DATA` (see the data README) or `--data-dir`.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ FILES = {
     "wikitext2": {"test": "wikitext-2/wiki.test.tokens", "valid": "wikitext-2/wiki.valid.tokens"},
     "ptb": {"test": "ptb/ptb.test.txt", "valid": "ptb/ptb.valid.txt"},
     "lambada": {"test": "lambada/lambada_test.jsonl"},
+    "sst2": {"dev": "sst2/dev.tsv"},
 }
+SST2_PROMPT = {"template": "{text} very", "candidates": [" negative", " positive"], "labels": ["0", "1"]}
 
 
 def wikitext_detokenize(text: str) -> str:
@@ -66,9 +71,11 @@ def word_count(text: str) -> int:
     return sum(len(line.split()) + 1 for line in lines)
 
 
-def data_file(name: str, split: str, data_dir: str | os.PathLike | None = None) -> Path:
+def data_file(name: str, split: str | None, data_dir: str | os.PathLike | None = None) -> Path:
+    """The benchmark's file of `split` (None: test, or the first split listed)."""
     if name not in FILES:
         raise DataError(f"unknown benchmark {name!r}; choose one of {sorted(FILES)}")
+    split = split or next(iter(FILES[name]))
     if split not in FILES[name]:
         raise DataError(f"{name} has no {split!r} split here; splits: {sorted(FILES[name])}")
     root = Path(data_dir or os.environ.get("GPT_JAX_DATA", "../shared/data"))
@@ -134,8 +141,21 @@ def lambada(config, params, tokenizer, examples, batch_size: int = 16) -> dict:
     return {"accuracy": float(correct.mean()), "perplexity": math.exp(nll.mean()), "n": len(seqs)}
 
 
-def run(name: str, config, params, tokenizer, split: str = "test", data_dir=None, stride: int | None = None) -> dict:
+def sst2(config, params, tokenizer, path) -> dict:
+    """Zero-shot SST-2 accuracy by SST2_PROMPT, and the fraction predicted positive."""
+    from gpt_jax.evaluate import choice_accuracy
+    from gpt_jax.records import field, read_records
+
+    records = [(no, {**r, "sentence": str(field(r, "sentence", path, no, "text")).strip()})
+               for no, r in read_records(path)]  # SST-2's sentences end in a space
+    r = choice_accuracy(config, params, tokenizer, records, path=path, **SST2_PROMPT)
+    return {**r, "positive": float(np.mean(r["predictions"]))}
+
+
+def run(name: str, config, params, tokenizer, split: str | None = None, data_dir=None, stride: int | None = None) -> dict:
     path = data_file(name, split, data_dir)
+    if name == "sst2":
+        return {"benchmark": name, "file": str(path), **sst2(config, params, tokenizer, path)}
     if name == "lambada":
         return {"benchmark": name, "file": str(path), **lambada(config, params, tokenizer, lambada_examples(path))}
     detokenize = wikitext_detokenize if name == "wikitext2" else ptb_detokenize
@@ -145,6 +165,9 @@ def run(name: str, config, params, tokenizer, split: str = "test", data_dir=None
 
 
 def describe(r: dict) -> str:
+    if r["benchmark"] == "sst2":
+        return (f"sst2: zero-shot accuracy {r['accuracy']:.4f} on {r['n']:,} sentences ({r['positive']:.1%} "
+                "predicted positive; ' very' then ' positive' vs ' negative')")
     if r["benchmark"] == "lambada":
         return f"lambada: accuracy {r['accuracy']:.4f}, perplexity {r['perplexity']:.2f} over {r['n']:,} passages"
     return (f"{r['benchmark']}: perplexity {r['word_perplexity']:.2f} per word ({r['words']:,} word-level tokens), "

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, data_path
-from gpt_jax.config import FinetuneConfig, GPTConfig, load_config
+from gpt_jax.config import ConfigError, FinetuneConfig, GPTConfig, load_config
 from gpt_jax.data import DataError
 from gpt_jax.finetune import add_special_tokens, forward, init_head, losses
 from gpt_jax.records import SpecialIds, encode_examples, make_batch, read_records
@@ -287,6 +287,48 @@ def test_init_from_a_hugging_face_directory_and_reinit(tmp_path):
     cfg = load_config(None, ["mode=finetune", f"finetune.init_from={tmp_path / 'nothing'}"])
     with pytest.raises(Exception, match="is not a directory"):
         load_base(cfg.finetune, cfg, jax.random.key(0))
+
+
+def test_transfer_layers_takes_the_first_blocks_and_initialises_the_rest(tmp_path):
+    from gpt_jax.finetune import FinetuneTask
+    from gpt_jax.parallel import Single
+    from gpt_jax.pretrained import save_pretrained
+
+    data_path("gpt2-bpe")  # the tokenizer of a Hugging Face GPT-2 directory without tokenizer files
+    config = GPTConfig.preset("gpt2-tiny", vocab_size=50257, n_embd=32, n_head=2, n_layer=3, n_positions=16)
+    leaves, treedef = jax.tree.flatten(init_params(config, jax.random.key(5)))
+    # moved off any initialisation (LayerNorms start at 1 and 0), so pretrained and fresh differ everywhere
+    params = treedef.unflatten([x + 0.1 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)])
+    save_pretrained(config, params, tmp_path / "hf")
+    (tmp_path / "t.tsv").write_text("sentence\tlabel\ngood film\t1\nbad film\t0\n")
+
+    def initial_gpt_params(*overrides):
+        cfg = load_config(None, ["mode=finetune", f"finetune.init_from={tmp_path / 'hf'}", "train.seed=3",
+                                 f"finetune.train_file={tmp_path / 't.tsv'}", f"train.out_dir={tmp_path / 'run'}",
+                                 *overrides])
+        task = FinetuneTask(cfg, verbose=False)
+        return task.initial_state(Single(task.config)).params["gpt"]
+
+    fresh = initial_gpt_params("finetune.reinit=true")  # the random-initialisation baseline, same seed
+    V = config.vocab_size
+    for n in (0, 1, 3):
+        got = initial_gpt_params(f"finetune.transfer_layers={n}")
+        np.testing.assert_array_equal(got["wte"]["embedding"][:V], params["wte"]["embedding"])  # + 3 special rows
+        np.testing.assert_array_equal(got["wpe"]["embedding"], params["wpe"]["embedding"])
+        for g, p, f in zip(jax.tree.leaves(got["h"]), jax.tree.leaves(params["h"]), jax.tree.leaves(fresh["h"])):
+            np.testing.assert_array_equal(g[:n], p[:n])
+            np.testing.assert_array_equal(g[n:], f[n:])
+            assert not np.any(np.isclose(f[n:], p[n:]))
+        expected_ln_f = params["ln_f"] if n == 3 else fresh["ln_f"]
+        jax.tree.map(np.testing.assert_array_equal, got["ln_f"], expected_ln_f)
+    with pytest.raises(ConfigError, match=r"transfer_layers=4 is more than the 3 blocks of .*; give 0..3"):
+        initial_gpt_params("finetune.transfer_layers=4")
+    with pytest.raises(ConfigError, match="finetune.transfer_layers must be >= 0, got -1"):
+        initial_gpt_params("finetune.transfer_layers=-1")
+    with pytest.raises(ConfigError, match="set finetune.init_from"):
+        load_config(None, ["mode=finetune", "finetune.transfer_layers=1"])
+    with pytest.raises(ConfigError, match=r"\(and reinit false\)"):
+        initial_gpt_params("finetune.transfer_layers=1", "finetune.reinit=true")
 
 
 def test_zero_shot_multiple_choice_picks_the_most_likely_choice(tmp_path):

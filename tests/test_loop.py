@@ -154,6 +154,23 @@ def test_multi_host_stop_check_runs_every_log_interval(corpus, tmp_path, monkeyp
     assert len(calls) == 4
 
 
+def test_keep_every_keeps_those_steps_besides_the_newest_also_after_resuming(corpus, tmp_path):
+    from gpt_jax.config import ConfigError
+
+    def on_disk():
+        return sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+
+    keep = ["train.save_every=1", "train.eval_every=100", "train.keep_checkpoints=1", "train.keep_every=3"]
+    run_task(lm_config(corpus, tmp_path / "run", "train.steps=4", *keep))
+    assert on_disk() == [3, 4]
+    run_task(lm_config(corpus, tmp_path / "run", "train.steps=8", *keep))  # resumed from step 4
+    assert on_disk() == [3, 6, 8]
+    with pytest.raises(ConfigError, match="train.keep_every=3 is not a multiple of train.save_every=2"):
+        lm_config(corpus, tmp_path / "other", "train.save_every=2", "train.keep_every=3")
+    with pytest.raises(ConfigError, match="train.keep_every must be >= 1, got 0"):
+        lm_config(corpus, tmp_path / "other", "train.keep_every=0")
+
+
 class Recording(loop.Loop):
     """Records, for every step's metrics, how many steps had been dispatched when they were read."""
 

@@ -122,3 +122,88 @@ def test_benchmark_command_scores_the_test_file(tmp_path, capsys):
     assert f"perplexity {math.exp(np.mean(nll)):.2f} over 5 passages" in printed
     assert main(args + ["--data-dir", str(tmp_path / "nowhere")]) == 2
     assert "give --data-dir" in capsys.readouterr().err
+
+
+def sst2_direct(cfg, params, tok, lines):
+    """(accuracy, fraction positive) of GPT-1's heuristic on TSV lines: log p(word | sentence + " very")
+    summed over the word's tokens, from one plain forward pass over the right-padded sequences (causal:
+    the padding changes no earlier logit)."""
+    seqs, gold = [], []
+    for line in lines:
+        sentence, label = line.split("\t")
+        prompt = tok.encode(sentence.strip() + " very")
+        for word in (" negative", " positive"):
+            ids = tok.encode(sentence.strip() + " very" + word)
+            assert ids[:len(prompt)] == prompt
+            seqs.append((ids, len(prompt)))
+        gold.append(int(label))
+    tokens = np.zeros((len(seqs), max(len(ids) for ids, _ in seqs)), np.int32)
+    assert tokens.shape[1] <= cfg.n_positions  # every word scored with the whole sentence before it
+    for row, (ids, _) in enumerate(seqs):
+        tokens[row, :len(ids)] = ids
+    logits = jax.jit(lambda p, x: GPT(cfg).apply({"params": p}, x))(params, tokens)
+    logp = np.asarray(jax.nn.log_softmax(logits), np.float64)
+    scores = [sum(logp[row, t - 1, ids[t]] for t in range(n, len(ids))) for row, (ids, n) in enumerate(seqs)]
+    preds = np.argmax(np.reshape(scores, (-1, 2)), axis=1)
+    return np.mean(preds == gold), np.mean(preds)
+
+
+def sst2_model(cfg, seed):
+    """A random model whose position embeddings are as large as its token embeddings, so that its
+    preference between the two words varies with the sentence (the last input is always " very")."""
+    params = init_params(cfg, jax.random.key(seed))
+    params["wpe"]["embedding"] = params["wpe"]["embedding"] * 50
+    return params
+
+
+def test_sst2_zero_shot_sums_the_log_probabilities_of_each_words_tokens(tmp_path):
+    from gpt_jax.zeroshot import sst2
+
+    lines = data_path("sst2", "dev.tsv").read_text().splitlines()[:25]
+    (tmp_path / "dev.tsv").write_text("\n".join(lines) + "\n")  # SST-2's sentences end in a space
+    tok = CharTokenizer(sorted(set("".join(lines[1:]) + "very positive negative") - {"\t"}))
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_positions=256, n_embd=32, n_layer=2, n_head=2, initializer_range=0.5)
+    params = sst2_model(cfg, 0)
+    r = sst2(cfg, params, tok, tmp_path / "dev.tsv")  # " positive" and " negative": 9 tokens each
+    accuracy, positive = sst2_direct(cfg, params, tok, lines[1:])
+    assert r["n"] == 24 and 0 < positive < 1
+    assert r["accuracy"] == accuracy and r["positive"] == positive
+
+
+def test_sst2_zero_shot_command_evaluates_each_kept_step(tmp_path, capsys):
+    """`evaluate --step N benchmark sst2` on two kept checkpoints of a run with a sentencepiece vocabulary,
+    which writes " positive" alone as "▁" + "▁positive" but after "very" as "▁positive"."""
+    from gpt_jax.checkpoint import Checkpointer
+    from gpt_jax.config import Config, TrainConfig, save_config
+    from gpt_jax.evaluate import main
+    from gpt_jax.tokenizer import SentencePieceTokenizer
+
+    lines = data_path("sst2", "dev.tsv").read_text().splitlines()[:25]
+    words = ["very positive", "very negative"] * 500  # one piece each
+    (tmp_path / "text.txt").write_text("\n".join([line.split("\t")[0] for line in lines[1:]] + words) + "\n")
+    tok = SentencePieceTokenizer.train(tmp_path / "text.txt", tmp_path / "sp", vocab_size=500)
+    very = tok.encode("it 's very")
+    assert [tok.encode("it 's very" + w)[len(very):] for w in (" positive", " negative")] == \
+        [tok.encode(w)[1:] for w in (" positive", " negative")]  # not the lone "▁" piece first
+    (tmp_path / "sst2").mkdir()
+    (tmp_path / "sst2" / "dev.tsv").write_text("\n".join(lines) + "\n")
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_positions=128, n_embd=32, n_layer=2, n_head=2, initializer_range=0.5)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(Config(model=cfg, train=TrainConfig(out_dir=str(run))), run / "config.yaml")
+    (run / "tokenizer.json").write_text(json.dumps(tok.spec()))
+    ckpt = Checkpointer(run, keep=2)
+    models = {step: sst2_model(cfg, step) for step in (10, 20)}
+    for step, params in models.items():
+        ckpt.save(step, {"params": params}, {})
+    ckpt.wait()
+    ckpt.close()
+    args = ["--checkpoint", str(run), "benchmark", "sst2", "--data-dir", str(tmp_path)]
+    for step, params in models.items():
+        assert main(args[:2] + ["--step", str(step)] + args[2:]) == 0
+        accuracy, positive = sst2_direct(cfg, params, tok, lines[1:])
+        assert f"sst2: zero-shot accuracy {accuracy:.4f} on 24 sentences ({positive:.1%} predicted positive" \
+            in capsys.readouterr().out
+    assert sst2_direct(cfg, models[10], tok, lines[1:]) != sst2_direct(cfg, models[20], tok, lines[1:])
+    assert main(args[:2] + ["--step", "15"] + args[2:]) == 2
+    assert "has no checkpoint at step 15; its checkpoints are at steps [10, 20]" in capsys.readouterr().err
