@@ -244,8 +244,10 @@ def test_sliding_window_perplexity_and_choice_scores_against_direct_computation(
     params = init_params(config, jax.random.key(0))
     ids = np.random.default_rng(0).integers(0, 50, 30)
 
+    forward = jax.jit(GPT(config).apply)  # a plain forward, compiled once per context length (at most 8)
+
     def logp_direct(context, target):  # log p(target | context), one forward per token
-        logits = GPT(config).apply({"params": params}, jnp.asarray(context)[None])
+        logits = forward({"params": params}, jnp.asarray(context)[None])
         return float(jax.nn.log_softmax(logits[0, -1])[target])
 
     # a text that fits the context: every stride gives the model's plain LM loss

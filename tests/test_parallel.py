@@ -27,6 +27,8 @@ SCRIPT = textwrap.dedent("""
             "mesh_dp8": ["parallel.strategy=mesh", "parallel.data=8"],
             "mesh_fsdp4_dp2": ["parallel.strategy=mesh", "parallel.data=2", "parallel.fsdp=4"],
             "mesh_tp2_dp4": ["parallel.strategy=mesh", "parallel.data=4", "parallel.tensor=2"]}
+    if accum != "1":  # data parallel over a mesh is also in the two mixed meshes
+        runs.pop("mesh_dp8")
     assert jax.device_count() == 8
     result = {}
     for name, extra in runs.items():
