@@ -28,7 +28,7 @@ def params():
 
 def direct_logprobs(cfg, params, ids):
     """log p(ids[t] | ids[:t]) for t >= 1, from one plain forward pass."""
-    logits = GPT(cfg).apply({"params": params}, np.asarray([ids[:-1]], np.int32))[0]
+    logits = jax.jit(GPT(cfg).apply)({"params": params}, np.asarray([ids[:-1]], np.int32))[0]
     return np.asarray(jax.nn.log_softmax(logits), np.float64)[np.arange(len(ids) - 1), ids[1:]], np.asarray(logits)
 
 
