@@ -2,10 +2,10 @@
 
 `prepare(data_config)` resolves the source (a text file, a directory, a glob, a URL, or the built-in
 `python-stdlib` corpus), puts its text in the `normalize` form (`gpt_jax.normalize`), tokenizes it in
-chunks (so corpora larger than memory stream through), splits it into train / val by bytes (the last `val_fraction` is val, as nanoGPT does), and writes
-`train.bin` / `val.bin` (uint16 when the vocabulary fits, else uint32) with `manifest.json`. The
-result is cached under `cache_dir` by a key over the source contents, the normalisation and the
-tokenizer, so a second run reuses it.
+chunks (so corpora larger than memory stream through), splits it into train / val by bytes (the last
+`val_fraction` is val, as nanoGPT does), and writes `train.bin` / `val.bin` (uint16 when the
+vocabulary fits, else uint32) with `manifest.json`. The result is cached under `cache_dir` by a key
+over the source contents, the normalisation and the tokenizer, so a second run reuses it.
 
 `Sampler` cuts a token stream into windows of `block_size + 1` tokens; which windows make batch k
 is a function of (seed, epoch, cursor) alone, windows are drawn without replacement within an
@@ -271,7 +271,8 @@ def prepare(cfg: DataConfig, verbose: bool = True) -> PreparedData:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"data.source {cfg.source!r} gave {counts['train']} train and {counts['val']} val tokens; "
                         "it needs text in both splits (use more text or another data.val_fraction)")
-    manifest = {"version": FORMAT_VERSION, "source": cfg.source, "normalize": cfg.normalize, "tokenizer": spec, "vocab_size": tok.vocab_size,
+    manifest = {"version": FORMAT_VERSION, "source": cfg.source, "normalize": cfg.normalize, "tokenizer": spec,
+                "vocab_size": tok.vocab_size,
                 "dtype": np.dtype(dtype).name, "train_tokens": counts["train"], "val_tokens": counts["val"],
                 "files": [{"path": str(f), "sha256": h, "bytes": f.stat().st_size} for f, h in zip(files, hashes)]}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
