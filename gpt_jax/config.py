@@ -170,7 +170,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 @dataclass(frozen=True)
 @_checked("data")
 class DataConfig:
-    source: str = "python-stdlib"  # text file, directory, glob, URL, or "python-stdlib"
+    # a text file, directory, glob, URL or "python-stdlib"; or a list of those, read in order as one corpus
+    source: str | list = "python-stdlib"
     tokenizer: Literal["char", "gpt2", "gpt1", "sentencepiece"] = "char"
     tokenizer_path: Optional[str] = None  # BPE files / sentencepiece model; default: $GPT_JAX_DATA
     sentencepiece_vocab_size: int = 4096

@@ -66,8 +66,15 @@ def _download(url: str, cache_dir: Path) -> Path:
     return target
 
 
-def resolve_source(source: str, cache_dir: Path) -> list[Path]:
-    """The ordered list of files a `data.source` names."""
+def resolve_source(source, cache_dir: Path) -> list[Path]:
+    """The ordered list of files a `data.source` names (a list of sources: their files, in order)."""
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise DataError("data.source is an empty list: name at least one text file, directory, glob or URL")
+        files = [f for s in source for f in resolve_source(s, cache_dir)]
+        if len({f.resolve() for f in files}) < len(files):
+            raise DataError(f"data.source {list(source)!r} names a file more than once; list each file once")
+        return files
     if source == "python-stdlib":
         files = stdlib_files()
     elif source.startswith(("http://", "https://")):

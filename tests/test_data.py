@@ -62,6 +62,43 @@ def test_directory_and_glob_sources_in_sorted_order_with_document_breaks(tmp_pat
     assert prepared.tokenizer.decode(train[: train.index(50256)]) == "first doc here\n" * 50
 
 
+def test_a_list_of_sources_is_one_corpus_in_the_listed_order(tmp_path):
+    a, b = tmp_path / "x" / "books.txt", tmp_path / "y" / "reviews.txt"
+    for path, text in [(a, "a book line\n" * 40), (b, "a review line\n" * 40)]:
+        path.parent.mkdir()
+        path.write_text(text)
+    assert resolve_source([str(b), str(tmp_path / "x" / "*.txt")], tmp_path) == [b, a]  # listed order, not sorted
+    kw = dict(tokenizer="gpt2", tokenizer_path=str(data_path("gpt2-bpe")), val_fraction=0.25,
+              cache_dir=str(tmp_path / "cache"))
+    prepared = prepare(DataConfig(source=[str(b), str(a)], **kw), verbose=False)
+    train, val = list(prepared.tokens("train")), list(prepared.tokens("val"))
+    assert train.count(50256) == 1 and val.count(50256) == 1  # after each file (the last one ends val)
+    tok = prepared.tokenizer
+    assert tok.decode(train[: train.index(50256)]) == "a review line\n" * 40
+    assert tok.decode(train[train.index(50256) + 1:] + val[:-1]) == "a book line\n" * 40  # val: the last quarter
+    assert prepared.manifest["source"] == [str(b), str(a)]
+    assert [f["path"] for f in prepared.manifest["files"]] == [str(b), str(a)]
+    # the same files in another order are another corpus (another cache entry)
+    assert prepare(DataConfig(source=[str(a), str(b)], **kw), verbose=False).dir != prepared.dir
+    with pytest.raises(DataError, match="empty list"):
+        resolve_source([], tmp_path)
+    with pytest.raises(DataError, match="more than once"):
+        resolve_source([str(a), str(tmp_path / "x")], tmp_path)
+    with pytest.raises(DataError, match="does not exist"):
+        resolve_source([str(a), str(tmp_path / "missing.txt")], tmp_path)
+
+
+def test_a_list_source_in_a_config_file(tmp_path):
+    from gpt_jax.config import ConfigError, load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  source:\n    - one.txt\n    - two/\n")
+    assert load_config(path).data.source == ["one.txt", "two/"]
+    path.write_text("data:\n  source: 3\n")
+    with pytest.raises(ConfigError, match="data.source: expected str or list"):
+        load_config(path)
+
+
 def test_python_stdlib_corpus_is_fixed_and_local():
     files = stdlib_files()
     assert len(files) > 100 and files == sorted(files)
