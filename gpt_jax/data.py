@@ -328,7 +328,7 @@ class Sampler:
         if self._order_epoch != self.epoch:
             rng = np.random.default_rng([self.seed, self.epoch])
             self._offset = int(rng.integers(0, self.T + 1))
-            n = (len(self.tokens) - self._offset - 1) // (self.T + 1)
+            n = (len(self.tokens) - self._offset) // (self.T + 1)  # whole windows of T + 1 tokens
             self._order, self._order_epoch = rng.permutation(n), self.epoch
         return self._order
 
