@@ -35,6 +35,7 @@ from gpt_jax.normalize import NORMALIZERS, normalize
 from gpt_jax.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
 
 CHUNK_BYTES = 8 << 20
+DOWNLOAD_TIMEOUT_S = 30  # a server that stops answering for this long fails the download
 FORMAT_VERSION = 1
 
 
@@ -56,7 +57,7 @@ def _download(url: str, cache_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(target.suffix + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as f:
             shutil.copyfileobj(response, f)
     except OSError as e:
         tmp.unlink(missing_ok=True)

@@ -9,8 +9,8 @@ import pytest
 from conftest import data_path
 from gpt_jax import data as data_mod
 from gpt_jax.config import DataConfig
-from gpt_jax.data import (DataError, Sampler, check_batches, check_windows, eval_batches, prepare, read_text,
-                          resolve_source, stdlib_files)
+from gpt_jax.data import (DataError, Sampler, check_batches, check_windows, eval_batches, prepare, resolve_source,
+                          stdlib_files)
 
 
 def cfg(tmp_path, source, **kw):
@@ -143,7 +143,7 @@ def test_sentencepiece_trained_on_the_corpus(tmp_path):
 
 
 def test_bad_sources(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist: give a text file, a directory, a glob, a URL, or 'python-stdlib'"):
         prepare(cfg(tmp_path, tmp_path / "missing.txt"), verbose=False)
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="is empty"):
@@ -270,57 +270,20 @@ def test_url_source_is_downloaded_once_into_the_cache(tmp_path):
         resolve_source("https://127.0.0.1:9/corpus.txt", tmp_path)
 
 
-def test_val_is_the_last_fraction_of_the_bytes_from_a_character_boundary(tmp_path):
-    def files(*texts):
-        paths = [tmp_path / f"{i}-{len(texts)}.txt" for i in range(len(texts))]
-        for path, text in zip(paths, texts):
-            path.write_text(text)
-        return paths
-    two = files("x" * 30, "y" * 10)
-    assert data_mod._split_point(two, 0.25) == (1, 0)  # 30 train bytes: val is the whole second file
-    assert data_mod._split_point(two, 0.125) == (1, 5)  # 35 train bytes
-    assert data_mod._split_point(two, 0.0) == (1, 10)  # no val: it starts at the very end
-    for text, start in [("a" * 9 + "é" + "b" * 5, 11), ("a" * 9 + "✓" + "b" * 4, 12)]:  # 16 bytes, byte 10 inside a char
-        assert data_mod._split_point(files(text), 0.375) == (0, start)
+def test_a_download_from_a_server_that_stops_answering_fails_with_one_line(tmp_path, monkeypatch):
+    import socket
+    import threading
 
-
-def test_a_file_that_is_not_utf8_text_is_one_line_naming_it_and_the_byte(tmp_path, monkeypatch):
-    good = tmp_path / "good.txt"
-    good.write_bytes("naïve café ✓\n".encode() * 3)
-    assert read_text(good) == "naïve café ✓\n" * 3
-    monkeypatch.setattr(data_mod, "CHUNK_BYTES", 16)  # in a corpus the bad byte is in a later chunk
-
-    def corpus(path):
-        prepare(cfg(tmp_path, path), verbose=False)
-    for name, raw, words in [("bad.txt", b"line of text\n" * 10 + b"\xff\n", "is not UTF-8 text (undecodable bytes near byte 130)"),
-                             ("nul.txt", b"line of text\n" * 10 + b"a\x00b\x00\n", "holds NUL bytes near byte 131"),
-                             ("cut.txt", "text ✓".encode()[:-1], "is not UTF-8 text")]:  # ends inside a character
-        (tmp_path / name).write_bytes(raw)
-        for read in (read_text, corpus):
-            with pytest.raises(DataError, match=re.escape(f"{tmp_path / name} {words}")):
-                read(tmp_path / name)
-    with pytest.raises(DataError, match=re.escape(f"{tmp_path / 'missing.txt'} does not exist")):
-        read_text(tmp_path / "missing.txt")
-
-
-def test_chunks_rebuild_the_text_and_end_after_a_newline_between_non_spaces(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_mod, "CHUNK_BYTES", 16)
-    rng = np.random.default_rng(0)
-    pieces = ["word", "é", "✓", " ", "   ", "\n", "\n\n", " \n", "\n "]
-    # runs of whitespace and line breaks, with a cut point ("a\nb") at least every 23 characters
-    texts = [" \n   " + "".join("".join(rng.choice(pieces, 5)) + "a\nb" for _ in range(12)) for _ in range(20)]
-    for i, text in enumerate(texts):
-        (tmp_path / f"{i}.txt").write_text(text)
-        chunks = list(data_mod._text_chunks(tmp_path / f"{i}.txt"))
-        assert "".join(chunks) == text
-        for chunk, after in zip(chunks, chunks[1:]):
-            assert chunk[-1] == "\n" and not chunk[-2].isspace() and not after[0].isspace(), (chunk, after)
-        assert max(len(c) for c in chunks) <= 2 * 16 + 23  # a read plus the unfinished line before it
-        k = len(text) // 3  # bytes [start, stop) of the file
-        start, stop = len(text[:k].encode()), len(text[: 2 * k].encode())
-        assert "".join(data_mod._text_chunks(tmp_path / f"{i}.txt", start, stop)) == text[k: 2 * k]
-    (tmp_path / "long.txt").write_text("x" * 100 + "\nno line break for 100 characters\n")
-    assert "".join(data_mod._text_chunks(tmp_path / "long.txt")) == "x" * 100 + "\nno line break for 100 characters\n"
+    monkeypatch.setattr(data_mod, "DOWNLOAD_TIMEOUT_S", 0.5)
+    server = socket.create_server(("127.0.0.1", 0))  # takes the connection, never answers
+    stop = threading.Timer(5, server.close)  # (a download without a time limit would wait for ever)
+    stop.start()
+    try:
+        with pytest.raises(DataError, match="could not download .*timed out"):
+            resolve_source(f"http://127.0.0.1:{server.getsockname()[1]}/corpus.txt", tmp_path)
+    finally:
+        stop.cancel()
+        server.close()
 
 
 def test_progress_is_on_stdout_when_verbose_and_the_command_line_prints_the_counts(tmp_path, capsys):
