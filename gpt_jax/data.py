@@ -35,6 +35,7 @@ from gpt_jax.normalize import NORMALIZERS, normalize
 from gpt_jax.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
 
 CHUNK_BYTES = 8 << 20
+DOWNLOAD_TIMEOUT_S = 30  # a server that stops answering for this long fails the download
 FORMAT_VERSION = 1
 
 
@@ -56,7 +57,7 @@ def _download(url: str, cache_dir: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(target.suffix + ".part")
     try:
-        with urllib.request.urlopen(url, timeout=30) as response, open(tmp, "wb") as f:
+        with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, open(tmp, "wb") as f:
             shutil.copyfileobj(response, f)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -290,10 +291,16 @@ def prepare(cfg: DataConfig, verbose: bool = True) -> PreparedData:
     return PreparedData(out, tok, manifest)
 
 
+def _whole_windows(n_tokens: int, block_size: int) -> int:
+    """Windows of `block_size + 1` tokens that `n_tokens` hold from every epoch offset (the sampler
+    starts each epoch 0 to `block_size` tokens in; `block_size` in is the fewest)."""
+    return (n_tokens - block_size) // (block_size + 1)
+
+
 def check_windows(tokens: np.ndarray, block_size: int, batch_size: int, split: str = "train") -> None:
     """A DataError unless `tokens` make one batch of windows of `block_size + 1` tokens from any
-    epoch offset (the sampler starts each epoch up to `block_size` tokens in)."""
-    if (len(tokens) - block_size - 1) // (block_size + 1) < batch_size:
+    epoch offset."""
+    if _whole_windows(len(tokens), block_size) < batch_size:
         fix = "raise data.val_fraction" if split == "val" else "use more text"
         raise DataError(f"the {split} split ({len(tokens):,} tokens) is smaller than one batch of {batch_size} windows "
                         f"of {block_size + 1} tokens; {fix}, or lower train.batch_size or model.n_positions")
@@ -348,11 +355,11 @@ class Sampler:
 
 def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, n_batches: int, seed: int = 1234,
                  process_index: int = 0, process_count: int = 1) -> list[np.ndarray]:
-    """A fixed set of validation batches (the same every evaluation and every run)."""
+    """A fixed set of validation batches (the same every evaluation and every run): `n_batches`, or
+    as many as one epoch holds, so no token is read twice."""
     check_windows(tokens, block_size, batch_size, "val")
-    n_windows = (len(tokens) - 1) // (block_size + 1)
     sampler = Sampler(tokens, block_size, batch_size, seed, process_index, process_count)
-    return [sampler.next() for _ in range(min(n_batches, n_windows // batch_size))]
+    return [sampler.next() for _ in range(min(n_batches, _whole_windows(len(tokens), block_size) // batch_size))]
 
 
 @entry_point

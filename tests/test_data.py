@@ -1,5 +1,7 @@
 import json
 import os
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -7,7 +9,8 @@ import pytest
 from conftest import data_path
 from gpt_jax import data as data_mod
 from gpt_jax.config import DataConfig
-from gpt_jax.data import DataError, Sampler, eval_batches, prepare, resolve_source, stdlib_files
+from gpt_jax.data import (DataError, Sampler, check_batches, check_windows, eval_batches, prepare, resolve_source,
+                          stdlib_files)
 
 
 def cfg(tmp_path, source, **kw):
@@ -20,6 +23,7 @@ def test_char_split_matches_nanogpt_counts(tmp_path):
     m = prepared.manifest
     assert (m["train_tokens"], m["val_tokens"], m["vocab_size"]) == (counts["train_tokens"], counts["val_tokens"], 65)
     assert m["dtype"] == "uint16" and len(prepared.tokens("train")) == counts["train_tokens"]
+    assert not prepared.tokens("train").flags.writeable  # the cache is never written through
     assert m["files"][0]["sha256"] and m["tokenizer"]["kind"] == "char"
     text = data_path("tinyshakespeare", "input.txt").read_text()
     assert prepared.tokenizer.decode(prepared.tokens("val")[:50]) == text[counts["train_tokens"]:][:50]
@@ -44,6 +48,11 @@ def test_cache_is_reused_and_keyed_by_content(tmp_path):
     mtime = os.path.getmtime(first.dir / "train.bin")
     second = prepare(cfg(tmp_path, src), verbose=False)
     assert second.dir == first.dir and os.path.getmtime(second.dir / "train.bin") == mtime
+    assert prepare(cfg(tmp_path, src, sentencepiece_vocab_size=99), verbose=False).dir == first.dir  # char ignores it
+
+    def key(kind, vocab):
+        return data_mod._cache_key(DataConfig(source=str(src), tokenizer=kind, sentencepiece_vocab_size=vocab), [src], ["h"])
+    assert key("sentencepiece", 500) != key("sentencepiece", 400) and key("gpt2", 500) == key("gpt2", 400)
     src.write_text("different text entirely!\n" * 200)
     assert prepare(cfg(tmp_path, src), verbose=False).dir != first.dir
 
@@ -53,8 +62,18 @@ def test_directory_and_glob_sources_in_sorted_order_with_document_breaks(tmp_pat
     docs.mkdir()
     for name, text in [("b.txt", "second doc here\n"), ("a.txt", "first doc here\n"), ("c.md", "third\n")]:
         (docs / name).write_text(text * 50)
-    assert [p.name for p in resolve_source(str(docs), tmp_path)] == ["a.txt", "b.txt", "c.md"]
-    assert [p.name for p in resolve_source(str(docs / "*.txt"), tmp_path)] == ["a.txt", "b.txt"]
+    (docs / "sub").mkdir()
+    (docs / "sub" / "d.txt").write_text("nested\n")
+    (docs / ".hidden.txt").write_text("an editor's file\n")
+    (tmp_path / "empty").mkdir()
+
+    def names(source):
+        return [p.relative_to(docs).as_posix() for p in resolve_source(str(source), tmp_path)]
+    assert names(docs) == ["a.txt", "b.txt", "c.md", "sub/d.txt"]  # files only, in subfolders too, no hidden ones
+    assert names(docs / "*.txt") == ["a.txt", "b.txt"]
+    assert names(docs / "**" / "*.txt") == ["a.txt", "b.txt", "sub/d.txt"]  # ** is any depth
+    with pytest.raises(DataError, match="directory .*empty holds no files"):
+        resolve_source(str(tmp_path / "empty"), tmp_path)
     prepared = prepare(cfg(tmp_path, docs / "*.txt", tokenizer="gpt2", tokenizer_path=str(data_path("gpt2-bpe")),
                            val_fraction=0.3), verbose=False)
     train = list(prepared.tokens("train"))
@@ -99,10 +118,12 @@ def test_a_list_source_in_a_config_file(tmp_path):
         load_config(path)
 
 
-def test_python_stdlib_corpus_is_fixed_and_local():
+def test_python_stdlib_corpus_is_fixed_and_local_and_leaves_out_tests(tmp_path):
     files = stdlib_files()
     assert len(files) > 100 and files == sorted(files)
     assert all(f.suffix == ".py" and "site-packages" not in f.parts for f in files)
+    assert not [f for f in files if f.name.startswith("test_")]  # Lib/test, */tests, idlelib/idle_test
+    assert resolve_source("python-stdlib", tmp_path) == files
 
 
 def test_sentencepiece_trained_on_the_corpus(tmp_path):
@@ -113,10 +134,16 @@ def test_sentencepiece_trained_on_the_corpus(tmp_path):
     assert (prepared.dir / "tokenizer.model").is_file()
     again = prepare(cfg(tmp_path, src, tokenizer="sentencepiece", sentencepiece_vocab_size=500), verbose=False)
     assert again.tokenizer.encode("To be, or not") == prepared.tokenizer.encode("To be, or not")
+    other = tmp_path / "o.txt"
+    other.write_text("To be, or not to be: that is the question.\n" * 50)
+    given = prepare(cfg(tmp_path, other, tokenizer="sentencepiece", tokenizer_path=str(prepared.dir / "tokenizer.model"),
+                        sentencepiece_vocab_size=300), verbose=False)  # a given model is used, not trained anew
+    assert given.tokenizer.vocab_size == 500 and not (given.dir / "tokenizer.model").exists()
+    assert given.tokenizer.encode("To be, or not") == prepared.tokenizer.encode("To be, or not")
 
 
 def test_bad_sources(tmp_path):
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match="does not exist: give a text file, a directory, a glob, a URL, or 'python-stdlib'"):
         prepare(cfg(tmp_path, tmp_path / "missing.txt"), verbose=False)
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(DataError, match="is empty"):
@@ -212,7 +239,7 @@ def test_url_source_is_downloaded_once_into_the_cache(tmp_path):
 
     served = tmp_path / "www"
     served.mkdir()
-    (served / "corpus.txt").write_text("some text to learn from, line after line.\n" * 300)
+    line = "some text to learn from, line after line.\n"
     hits = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -227,9 +254,85 @@ def test_url_source_is_downloaded_once_into_the_cache(tmp_path):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/corpus.txt"
-        first = prepare(cfg(tmp_path, url), verbose=False)
+        with pytest.raises(DataError, match="could not download"):  # not served yet: 404
+            prepare(cfg(tmp_path, url), verbose=False)
+        (served / "corpus.txt").write_text(line * 300)
+        first = prepare(cfg(tmp_path, url), verbose=False)  # the failed try does not get in the way
         second = prepare(cfg(tmp_path, url), verbose=False)
     finally:
         server.shutdown()
-    assert hits == ["/corpus.txt"] and second.dir == first.dir
-    assert first.manifest["train_tokens"] + first.manifest["val_tokens"] == len("some text to learn from, line after line.\n") * 300
+    assert hits == ["/corpus.txt"] * 2 and second.dir == first.dir
+    assert first.manifest["train_tokens"] + first.manifest["val_tokens"] == len(line) * 300
+    downloaded = Path(first.manifest["files"][0]["path"])
+    assert downloaded.is_relative_to(tmp_path / "cache") and first.dir.name.startswith("corpus-char-")
+    assert not list(tmp_path.rglob("*.part"))
+    with pytest.raises(DataError, match="could not download https://"):
+        resolve_source("https://127.0.0.1:9/corpus.txt", tmp_path)
+
+
+def test_a_download_from_a_server_that_stops_answering_fails_with_one_line(tmp_path, monkeypatch):
+    import socket
+    import threading
+
+    monkeypatch.setattr(data_mod, "DOWNLOAD_TIMEOUT_S", 0.5)
+    server = socket.create_server(("127.0.0.1", 0))  # takes the connection, never answers
+    stop = threading.Timer(5, server.close)  # (a download without a time limit would wait for ever)
+    stop.start()
+    try:
+        with pytest.raises(DataError, match="could not download .*timed out"):
+            resolve_source(f"http://127.0.0.1:{server.getsockname()[1]}/corpus.txt", tmp_path)
+    finally:
+        stop.cancel()
+        server.close()
+
+
+def test_progress_is_on_stdout_when_verbose_and_the_command_line_prints_the_counts(tmp_path, capsys):
+    src = tmp_path / "reviews.txt"
+    src.write_text("It's GOOD!<br />Yes.\n" * 50)  # 1,000 characters
+    prepare(cfg(tmp_path, src, normalize="sst"), verbose=False)
+    assert capsys.readouterr() == ("", "")
+    assert data_mod.main([str(src), "--normalize", "sst", "--cache-dir", str(tmp_path / "cli")]) == 0
+    out, err = capsys.readouterr()
+    assert "normalizing (sst): 100%" in out and "tokenizing reviews: 100%" in out and err == ""
+    # "it 's good ! yes .\n" is 19 characters: 950, of which the last tenth is val
+    assert out.rstrip().splitlines()[-1].startswith("855 train / 95 val tokens (uint16)")
+
+
+def test_a_split_is_refused_exactly_when_an_epoch_offset_leaves_less_than_a_batch():
+    for T, B in [(4, 1), (4, 3), (7, 2)]:
+        for n in range(1, 60):
+            fewest = min((n - o) // (T + 1) for o in range(T + 1))  # the sampler's epoch offsets are 0..T
+            if fewest >= B:
+                check_windows(np.zeros(n), T, B)
+                Sampler(np.zeros(n), T, B, seed=0)
+                continue
+            for split, fix in [("train", "use more text"), ("val", "raise data.val_fraction")]:
+                words = f"the {split} split ({n:,} tokens) is smaller than one batch of {B} windows of {T + 1} tokens; {fix}, or"
+                with pytest.raises(DataError, match=re.escape(words)):
+                    check_windows(np.zeros(n), T, B, split)
+            with pytest.raises(DataError, match="the train split"):
+                Sampler(np.zeros(n), T, B, seed=0)
+
+
+def test_check_batches_names_the_split_that_is_too_small(tmp_path):
+    (tmp_path / "c.txt").write_text("abcdefghij" * 20)
+    data = prepare(cfg(tmp_path, tmp_path / "c.txt"), verbose=False)  # 180 train, 20 val tokens
+    check_batches(data, 4, 3)  # val: (20 - 4) // 5 = 3 windows at every offset
+    with pytest.raises(DataError, match=r"the val split \(20 tokens\).*raise data.val_fraction"):
+        check_batches(data, 4, 4)
+    with pytest.raises(DataError, match=r"the train split \(180 tokens\).*use more text"):
+        check_batches(data, 9, 18)  # train: (180 - 9) // 10 = 17 windows
+
+
+def test_eval_batches_are_as_many_as_one_epoch_holds_and_never_read_a_token_twice():
+    T, B = 4, 2
+    for n in range(15, 60):
+        fewest = min((n - o) // (T + 1) for o in range(T + 1))
+        batches = eval_batches(np.arange(n, dtype=np.uint16), T, B, 100)
+        assert len(batches) == fewest // B and all(b.shape == (B, T + 1) for b in batches)
+        starts = sorted(int(row[0]) for b in batches for row in b)
+        assert all(b - a >= T + 1 for a, b in zip(starts, starts[1:])), n
+    whole = eval_batches(TOKENS, 16, 8, 3)
+    parts = [eval_batches(TOKENS, 16, 8, 3, process_index=p, process_count=4) for p in range(4)]
+    for i, batch in enumerate(whole):
+        np.testing.assert_array_equal(np.concatenate([part[i] for part in parts]), batch)
