@@ -115,12 +115,12 @@ def lambada_examples(path: Path) -> list[tuple[str, str]]:
 
 def lambada(config, params, tokenizer, examples, batch_size: int = 16) -> dict:
     """Last-word accuracy (greedy, whole word) and perplexity of the target words."""
-    from gpt_jax.evaluate import _scorer
+    from gpt_jax.evaluate import _scorer, split_continuation
 
     C = config.n_positions
     seqs = []
-    for context, word in examples:
-        ctx, tgt = tokenizer.encode(context), tokenizer.encode(" " + word)
+    for context, word in examples:  # the target's tokens as the passage writes them (not a lone "▁" first)
+        ctx, tgt = split_continuation(tokenizer, context, " " + word)
         if not ctx or not tgt:
             raise DataError(f"a LAMBADA passage encodes to no tokens: {context[:60]!r} / {word!r}")
         seq = (ctx + tgt)[-(C + 1):]

@@ -96,6 +96,29 @@ def test_lambada_accuracy_and_perplexity_equal_direct_computation(tmp_path):
     np.testing.assert_allclose(r["perplexity"], math.exp(np.mean(nll)), rtol=1e-5)
 
 
+def test_lambada_scores_the_target_as_the_passage_writes_it_with_sentencepiece(tmp_path):
+    """A sentencepiece vocabulary writes " word" alone as "▁" + "▁word" but inside the passage as "▁word":
+    the score is that of the passage's own encoding, its tokens after the context's."""
+    from gpt_jax.tokenizer import SentencePieceTokenizer
+
+    lines = [line.split("\t")[0] for line in data_path("sst2", "dev.tsv").read_text().splitlines()[1:200]]
+    (tmp_path / "text.txt").write_text("\n".join(lines) + "\n")
+    tok = SentencePieceTokenizer.train(tmp_path / "text.txt", tmp_path / "sp", vocab_size=500)
+    passages = [line.strip() for line in lines[:3]]
+    examples = [tuple(p.rsplit(" ", 1)) for p in passages]
+    assert tok.encode(" " + examples[0][1])[0] != tok.encode(passages[0])[len(tok.encode(examples[0][0]))]
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_positions=64, n_embd=32, n_layer=2, n_head=2, initializer_range=0.3)
+    params = init_params(cfg, jax.random.key(2))
+    nll = []
+    for passage, (context, _) in zip(passages, examples):
+        whole, n_ctx = tok.encode(passage), len(tok.encode(context))
+        assert whole[:n_ctx] == tok.encode(context)
+        logp, _ = direct_logprobs(cfg, params, whole)
+        nll.append(-logp[-(len(whole) - n_ctx):].sum())
+    r = lambada(cfg, params, tok, examples, batch_size=4)
+    np.testing.assert_allclose(r["perplexity"], math.exp(np.mean(nll)), rtol=1e-5)
+
+
 def test_benchmark_command_scores_the_test_file(tmp_path, capsys):
     """`python -m gpt_jax.evaluate benchmark lambada` on a GPT-2 checkpoint: its figures equal a direct
     per-passage computation; a missing test file is one line naming the folder to give."""
