@@ -1,6 +1,6 @@
 """Predict with a fine-tuned model:
 
-    python -m gpt_jax.predict --checkpoint runs/sst2_finetune --input dev.tsv [--output predictions.tsv]
+    python -m gpt_jax.predict --checkpoint runs/gpt1_cpu_sst2 --input dev.tsv [--output predictions.tsv]
 
 Reads the input with the run's task and field mapping (labels optional), writes one line per
 example: the predicted label (or choice index) and the probability of each, and prints the accuracy

@@ -320,7 +320,7 @@ def test_sample_cli_defaults_run_past_a_small_context(tmp_path):
 def test_sample_cli_defaults_fit_every_shipped_pretraining_context(monkeypatch, capsys):
     """`gpt_jax.sample.main` with no options but --checkpoint (200 new tokens, temperature 0.8) runs on a
     model with the context of each shipped pretraining config (fine-tuning configs take the model of
-    their init_from run, sst2_pretrain's), one layer wide enough to be quick."""
+    their init_from run, gpt1_cpu_pretrain's), one layer wide enough to be quick."""
     import dataclasses
 
     from gpt_jax import sample
