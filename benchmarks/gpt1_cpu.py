@@ -3,6 +3,7 @@
 Run after the pretraining (python train.py --config configs/gpt1_cpu_pretrain.yaml):
 
     python benchmarks/gpt1_cpu.py hp          # learning rate per initialisation, on held-out training labels
+    python benchmarks/gpt1_cpu.py hp_aux      # then the aux LM loss on or off per initialisation, the same way
     python benchmarks/gpt1_cpu.py labels      # dev accuracy for 100 ... all labels, pretrained vs random, 3 seeds
     python benchmarks/gpt1_cpu.py transfer    # Figure 2 left: dev accuracy by transferred blocks
     python benchmarks/gpt1_cpu.py aux         # the auxiliary LM loss on and off
@@ -120,6 +121,21 @@ def cmd_hp(args) -> None:
     print(json.dumps({"heldout_accuracy": table, "chosen": chosen}, indent=1))
 
 
+def cmd_hp_aux(args) -> None:
+    """The auxiliary LM loss on (0.5) or off (0) for each initialisation, at its chosen learning rate,
+    on the held-out slice: the setting each initialisation would pick for itself."""
+    hp = json.loads((OUT / "hp.json").read_text())
+    lr = chosen_lr()
+    for init in ("pretrained", "random"):
+        off = finetune(f"hp-{init}-lr{lr[init]:g}-aux0-s0",
+                       base(init, 1000, 0, dev="heldout", **{"finetune.lr": lr[init], "finetune.lm_coef": 0}))["final"]
+        hp["heldout_accuracy"][f"{init} {lr[init]:g} lm_coef 0"] = off
+        on = hp["heldout_accuracy"][f"{init} {lr[init]:g}"]
+        hp.setdefault("chosen_lm_coef", {})[init] = 0.5 if on >= off else 0.0
+    (OUT / "hp.json").write_text(json.dumps(hp, indent=1))
+    print(json.dumps(hp, indent=1))
+
+
 def cmd_labels(args) -> None:
     lr = chosen_lr()
     for size in args.sizes:
@@ -161,9 +177,9 @@ def cmd_zeroshot(args) -> None:
         if step:
             config, params, tok = load_for_sampling(str(PRETRAIN), step=step)
         r = zeroshot.run("sst2", config, params, tok)
-        results.append({"step": step, "accuracy": r["accuracy"], "positive": r["positive"]})
-        print(f"step {step}: zero-shot SST-2 dev accuracy {r['accuracy']:.4f} (predicts positive {r['positive']:.3f})",
-              flush=True)
+        results.append({"step": step, "accuracy": r["accuracy"], "positive": r["positive"], "auc": r["auc"]})
+        print(f"step {step}: zero-shot SST-2 dev accuracy {r['accuracy']:.4f} (predicts positive {r['positive']:.3f}), "
+              f"AUC {r['auc']:.4f}", flush=True)
     (OUT / "zeroshot.json").write_text(json.dumps(results, indent=1))
 
 
@@ -233,14 +249,15 @@ def cmd_report(args) -> None:
 
     zs = json.loads((OUT / "zeroshot.json").read_text()) if (OUT / "zeroshot.json").is_file() else []
     if zs:
-        print("| pretraining step | zero-shot SST-2 dev accuracy | share predicted positive |\n|---|---|---|")
+        print("| pretraining step | zero-shot SST-2 dev accuracy | share predicted positive | AUC |\n|---|---|---|---|")
         for r in zs:
-            print(f"| {r['step']:,} | {r['accuracy']:.4f} | {r['positive']:.3f} |")
+            print(f"| {r['step']:,} | {r['accuracy']:.4f} | {r['positive']:.3f} | {r['auc']:.4f} |")
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.5))
     if zs:
-        a1.plot([r["step"] for r in zs], [r["accuracy"] for r in zs], marker="o")
-        a1.axhline(0.5, color="grey", lw=0.8, ls="--")
-    a1.set_xlabel("pretraining step"), a1.set_ylabel("zero-shot SST-2 dev accuracy"), a1.grid(alpha=0.3)
+        a1.plot([r["step"] for r in zs], [r["accuracy"] for r in zs], marker="o", label="accuracy")
+        a1.plot([r["step"] for r in zs], [r["auc"] for r in zs], marker="s", label="AUC (threshold-free)")
+        a1.axhline(0.5, color="grey", lw=0.8, ls="--"), a1.legend()
+    a1.set_xlabel("pretraining step"), a1.set_ylabel("zero-shot SST-2 dev"), a1.grid(alpha=0.3)
     a1.set_title("zero-shot (' very' + positive/negative)")
     for i, init in enumerate(("pretrained", "random")):
         for j, st in enumerate(aux[init]):
@@ -256,6 +273,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("hp")
+    sub.add_parser("hp_aux")
     p = sub.add_parser("labels")
     p.add_argument("--sizes", nargs="+", default=[str(s) for s in SIZES])
     p.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))

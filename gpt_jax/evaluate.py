@@ -158,7 +158,8 @@ def choice_accuracy(config, params, tokenizer, records, *, text_field="sentence"
             gold.append(labels.index(value))
     scores = continuation_logprobs(config, params, prompts, conts).reshape(len(gold), n_options)
     pred = scores.argmax(-1)
-    return {"accuracy": float((pred == np.array(gold)).mean()), "n": len(gold), "predictions": pred}
+    return {"accuracy": float((pred == np.array(gold)).mean()), "n": len(gold), "predictions": pred,
+            "scores": scores, "gold": np.array(gold)}
 
 
 @entry_point

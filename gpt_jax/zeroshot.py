@@ -149,7 +149,21 @@ def sst2(config, params, tokenizer, path) -> dict:
     records = [(no, {**r, "sentence": str(field(r, "sentence", path, no, "text")).strip()})
                for no, r in read_records(path)]  # SST-2's sentences end in a space
     r = choice_accuracy(config, params, tokenizer, records, path=path, **SST2_PROMPT)
-    return {**r, "positive": float(np.mean(r["predictions"]))}
+    return {**r, "positive": float(np.mean(r["predictions"])), "auc": auc(r["scores"][:, 1] - r["scores"][:, 0], r["gold"])}
+
+
+def auc(margin, gold) -> float:
+    """Area under the ROC curve of `margin` for gold == 1: the chance that a random positive example has a
+    higher margin than a random negative one (ties count half). Threshold-free, so a model whose
+    " positive" / " negative" balance is off (all one class) can still show what it has learnt."""
+    order = np.argsort(margin, kind="stable")
+    ranks = np.empty(len(margin))
+    ranks[order] = np.arange(1, len(margin) + 1)
+    for value in np.unique(margin):  # ties share their mean rank
+        ranks[margin == value] = ranks[margin == value].mean()
+    pos = gold == 1
+    n_pos, n_neg = pos.sum(), (~pos).sum()
+    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def run(name: str, config, params, tokenizer, split: str | None = None, data_dir=None, stride: int | None = None) -> dict:
@@ -167,7 +181,7 @@ def run(name: str, config, params, tokenizer, split: str | None = None, data_dir
 def describe(r: dict) -> str:
     if r["benchmark"] == "sst2":
         return (f"sst2: zero-shot accuracy {r['accuracy']:.4f} on {r['n']:,} sentences ({r['positive']:.1%} "
-                "predicted positive; ' very' then ' positive' vs ' negative')")
+                f"predicted positive; ' very' then ' positive' vs ' negative'), AUC {r['auc']:.4f}")
     if r["benchmark"] == "lambada":
         return f"lambada: accuracy {r['accuracy']:.4f}, perplexity {r['perplexity']:.2f} over {r['n']:,} passages"
     return (f"{r['benchmark']}: perplexity {r['word_perplexity']:.2f} per word ({r['words']:,} word-level tokens), "

@@ -168,7 +168,9 @@ def sst2_direct(cfg, params, tok, lines):
     logp = np.asarray(jax.nn.log_softmax(logits), np.float64)
     scores = [sum(logp[row, t - 1, ids[t]] for t in range(n, len(ids))) for row, (ids, n) in enumerate(seqs)]
     preds = np.argmax(np.reshape(scores, (-1, 2)), axis=1)
-    return np.mean(preds == gold), np.mean(preds)
+    margin = np.reshape(scores, (-1, 2)) @ [-1, 1]
+    pairs = [(m1 > m0) + 0.5 * (m1 == m0) for m1, g1 in zip(margin, gold) if g1 for m0, g0 in zip(margin, gold) if not g0]
+    return np.mean(preds == gold), np.mean(preds), np.mean(pairs)
 
 
 def sst2_model(cfg, seed):
@@ -188,9 +190,12 @@ def test_sst2_zero_shot_sums_the_log_probabilities_of_each_words_tokens(tmp_path
     cfg = GPTConfig(vocab_size=tok.vocab_size, n_positions=256, n_embd=32, n_layer=2, n_head=2, initializer_range=0.5)
     params = sst2_model(cfg, 0)
     r = sst2(cfg, params, tok, tmp_path / "dev.tsv")  # " positive" and " negative": 9 tokens each
-    accuracy, positive = sst2_direct(cfg, params, tok, lines[1:])
-    assert r["n"] == 24 and 0 < positive < 1
+    accuracy, positive, auc = sst2_direct(cfg, params, tok, lines[1:])
+    assert r["n"] == 24 and 0 < positive < 1 and 0 < auc < 1
     assert r["accuracy"] == accuracy and r["positive"] == positive
+    np.testing.assert_allclose(r["auc"], auc, atol=1e-12)  # the pairwise count, ties half
+    from gpt_jax.zeroshot import auc as area
+    assert area(np.array([1.0, 1.0, 2.0, 0.0]), np.array([1, 0, 1, 0])) == 0.875  # one tie: (1 + 1 + 0.5 + 1) / 4
 
 
 def test_sst2_zero_shot_command_evaluates_each_kept_step(tmp_path, capsys):
@@ -224,9 +229,10 @@ def test_sst2_zero_shot_command_evaluates_each_kept_step(tmp_path, capsys):
     args = ["--checkpoint", str(run), "benchmark", "sst2", "--data-dir", str(tmp_path)]
     for step, params in models.items():
         assert main(args[:2] + ["--step", str(step)] + args[2:]) == 0
-        accuracy, positive = sst2_direct(cfg, params, tok, lines[1:])
-        assert f"sst2: zero-shot accuracy {accuracy:.4f} on 24 sentences ({positive:.1%} predicted positive" \
-            in capsys.readouterr().out
+        accuracy, positive, auc = sst2_direct(cfg, params, tok, lines[1:])
+        out = capsys.readouterr().out
+        assert f"sst2: zero-shot accuracy {accuracy:.4f} on 24 sentences ({positive:.1%} predicted positive" in out
+        assert f"AUC {auc:.4f}" in out
     assert sst2_direct(cfg, models[10], tok, lines[1:]) != sst2_direct(cfg, models[20], tok, lines[1:])
     assert main(args[:2] + ["--step", "15"] + args[2:]) == 2
     assert "has no checkpoint at step 15; its checkpoints are at steps [10, 20]" in capsys.readouterr().err
