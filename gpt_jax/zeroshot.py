@@ -30,7 +30,8 @@ from gpt_jax.data import DataError
 FILES = {
     "wikitext2": {"test": "wikitext-2/wiki.test.tokens", "valid": "wikitext-2/wiki.valid.tokens"},
     "ptb": {"test": "ptb/ptb.test.txt", "valid": "ptb/ptb.valid.txt"},
-    "lambada": {"test": "lambada/lambada_test.jsonl"},
+    # plain: the original lowercased, tokenised release, for models trained on text in that form
+    "lambada": {"test": "lambada/lambada_test.jsonl", "plain": "lambada/lambada_test_plain_text.txt"},
     "sst2": {"dev": "sst2/dev.tsv"},
 }
 SST2_PROMPT = {"template": "{text} very", "candidates": [" negative", " positive"], "labels": ["0", "1"]}

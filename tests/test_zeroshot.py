@@ -44,6 +44,16 @@ def test_word_counts_are_the_published_ones():
     assert word_count(data_path("ptb", "ptb.test.txt").read_text()) == 82_430
 
 
+def test_lambada_plain_split_is_the_same_passages_lowercased_and_tokenised():
+    from gpt_jax.zeroshot import data_file
+
+    root = data_path("lambada").parent
+    cased, plain = (lambada_examples(data_file("lambada", split, root)) for split in ("test", "plain"))
+    assert len(cased) == len(plain) == 5153
+    assert all(word == word.lower() for _, word in plain)
+    assert sum(p[1] == c[1].lower() for c, p in zip(cased, plain)) > 0.95 * 5153  # the same target words
+
+
 def test_language_modelling_equals_direct_computation(params):
     text = " = Homarus = \n the lobster 's claws , at 1 @.@ 5 m , grow . \n"
     r = language_modelling(CFG, params, TOK, text, wikitext_detokenize)
