@@ -92,7 +92,7 @@ def base(init: str, size, seed: int, dev: str = "dev", **extra) -> dict:
     o = {"train.seed": seed, "finetune.epochs": EPOCHS[size],
          "finetune.reinit": str(init == "random").lower()}
     if size == "all":
-        o["finetune.train_file"] = str(files["all"])
+        o["finetune.train_file"], o["finetune.max_examples"] = str(files["all"]), "null"  # every row
     else:
         o["finetune.max_examples"] = size
     if dev == "heldout":
