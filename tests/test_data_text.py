@@ -26,9 +26,7 @@ def test_the_corpus_is_read_and_written_as_utf8_under_an_ascii_locale(tmp_path):
     env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "c")], env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    encoding, tokens = proc.stdout.splitlines()
-    if encoding != "ANSI_X3.4-1968":
-        pytest.skip(f"the C locale gives {encoding} here, not ASCII")
+    encoding, tokens = proc.stdout.splitlines()  # ANSI_X3.4-1968 (ASCII) on Linux; the tokens must agree anyway
     here = prepare(cfg(tmp_path, src, normalize="sst"), verbose=False)
     assert json.loads(tokens) == here.tokens("train").tolist() + here.tokens("val").tolist()
 
