@@ -12,7 +12,8 @@ Run after the pretraining (python train.py --config configs/gpt1_cpu_pretrain.ya
 
 Every fine-tuning run is `train.py --config configs/gpt1_cpu_sst2.yaml` with dotted overrides and its
 own run directory under runs/gpt1_cpu/; a run that finished is read back, not repeated, so the
-commands can be stopped and started again. Results accumulate in runs/gpt1_cpu/results.json.
+commands can be stopped and started again. Each run's result is its result.json; the choices are in
+runs/gpt1_cpu/hp.json and the zero-shot curve in runs/gpt1_cpu/zeroshot.json.
 
 Protocol (nothing is chosen on the 872 dev sentences):
 - labelled examples: the first N rows of sst2/train_heldout.tsv (N = 100, 300, 1,000, 3,000); "all" is
@@ -26,6 +27,7 @@ Protocol (nothing is chosen on the 872 dev sentences):
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -49,8 +51,9 @@ EPOCHS = {100: 20, 300: 10, 1000: 6, 3000: 3, "all": 1}
 HP_LRS = (5e-4, 1e-3, 2e-3)
 
 
+@functools.cache
 def label_files() -> dict:
-    """data_cache/gpt1_cpu/{heldout,all}.tsv, made from the SST-2 training files."""
+    """data_cache/gpt1_cpu/{heldout,all}.tsv, made from the SST-2 training files (once per command)."""
     d = ROOT / "data_cache" / "gpt1_cpu"
     d.mkdir(parents=True, exist_ok=True)
     heldout_rows = (SST2 / "train_heldout.tsv").read_text(encoding="utf-8").splitlines()
@@ -113,9 +116,8 @@ def cmd_hp(args) -> None:
     table = {}
     for init in ("pretrained", "random"):
         for lr in HP_LRS:
-            accs = [finetune(f"hp-{init}-lr{lr:g}-s{s}", base(init, 1000, s, dev="heldout", **{"finetune.lr": lr}))["final"]
-                    for s in (0,)]
-            table[f"{init} {lr:g}"] = statistics.mean(accs)
+            table[f"{init} {lr:g}"] = finetune(f"hp-{init}-lr{lr:g}-s0",
+                                               base(init, 1000, 0, dev="heldout", **{"finetune.lr": lr}))["final"]
     chosen = {init: max(HP_LRS, key=lambda lr: table[f"{init} {lr:g}"]) for init in ("pretrained", "random")}
     (OUT / "hp.json").write_text(json.dumps({"heldout_accuracy": table, "chosen": chosen}, indent=1))
     print(json.dumps({"heldout_accuracy": table, "chosen": chosen}, indent=1))

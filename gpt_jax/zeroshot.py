@@ -157,14 +157,8 @@ def auc(margin, gold) -> float:
     """Area under the ROC curve of `margin` for gold == 1: the chance that a random positive example has a
     higher margin than a random negative one (ties count half). Threshold-free, so a model whose
     " positive" / " negative" balance is off (all one class) can still show what it has learnt."""
-    order = np.argsort(margin, kind="stable")
-    ranks = np.empty(len(margin))
-    ranks[order] = np.arange(1, len(margin) + 1)
-    for value in np.unique(margin):  # ties share their mean rank
-        ranks[margin == value] = ranks[margin == value].mean()
-    pos = gold == 1
-    n_pos, n_neg = pos.sum(), (~pos).sum()
-    return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    pos, neg = margin[gold == 1][:, None], margin[gold != 1][None, :]
+    return float(((pos > neg) + 0.5 * (pos == neg)).mean())
 
 
 def run(name: str, config, params, tokenizer, split: str | None = None, data_dir=None, stride: int | None = None) -> dict:
