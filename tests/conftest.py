@@ -5,13 +5,30 @@ need it, or torch / transformers, skip with a reason when they are missing, exce
 GPT_JAX_STRICT=1 (set by .ci/run): then every skip is a failure, so CI always runs them.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import jax
 import pytest
 
 jax.config.update("jax_numpy_rank_promotion", "raise")  # silent broadcasting bugs become errors
+
+# One XLA compilation cache for the session, shared with the train.py processes tests start: many
+# tests compile the same tiny model's programs, several times over in subprocesses. A cached program
+# is the one XLA compiled, so results are unchanged. JAX_COMPILATION_CACHE_DIR set outside wins.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="gpt_jax_tests_xla_")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                  float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+jax.config.update("jax_persistent_cache_min_entry_size_bytes",
+                  int(os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"]))
 
 ROOT = Path(__file__).resolve().parents[1]
 STRICT = os.environ.get("GPT_JAX_STRICT") == "1"
@@ -46,3 +63,19 @@ def pytest_make_collect_report(collector):
         reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
         report.outcome = "failed"
         report.longrepr = f"skipped under GPT_JAX_STRICT=1, which makes skips failures: {reason}"
+
+
+@pytest.fixture(autouse=True)
+def _trace_again_for_mutation_stats():
+    """Under mutmut's statistics run, forget compiled programs before each test.
+
+    mutmut runs, for each mutant, only the tests that called the mutated function in that run. A
+    jitted function's Python body runs only when it is traced, so without this only the first test
+    to compile a program would be recorded as reaching the functions inside it (TESTING.md).
+    """
+    if os.environ.get("MUTANT_UNDER_TEST") == "stats":
+        from gpt_jax import clear_decode_cache
+
+        jax.clear_caches()
+        clear_decode_cache()
+    yield
