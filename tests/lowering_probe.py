@@ -121,7 +121,7 @@ def main(platform):
                         jnp.int32(512), jax.eval_shape(lambda: jax.random.key(0)), jnp.float32(1.0), jnp.int32(50),
                         jnp.float32(1.0), jax.ShapeDtypeStruct((1,), jnp.int32))
                 traced = _generate.trace(*args, config=config.model, max_new_bucket=512, greedy=False)
-                out[f"generate_{b}"] = report(None, traced.lower(lowering_platforms=(platform,)).as_text())
+                out[f"generate_{b}"] = report(traced.jaxpr.jaxpr, traced.lower(lowering_platforms=(platform,)).as_text())
     print(json.dumps(out))
 
 

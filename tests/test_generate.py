@@ -155,6 +155,9 @@ def test_compiles_once_per_bucket(tiny):
     assert _generate._cache_size() == before + 2
     generate(config, params, [[3]] * 7, 16, rng=1, temperature=0.3)                     # the same bucket again
     assert _generate._cache_size() == before + 2
+    generate(config, params, [[3]] * 7, 16, rng=1, stop_tokens=[1, 2, 3])              # 3 stop tokens -> 4
+    generate(config, params, [[3]] * 7, 16, rng=1, stop_tokens=[4, 5, 6, 7])
+    assert _generate._cache_size() == before + 3
 
 
 def filtered_probs(logits, temperature, top_k, top_p):

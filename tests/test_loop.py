@@ -159,6 +159,14 @@ def test_keep_every_keeps_those_steps_besides_the_newest_also_after_resuming(cor
     assert on_disk() == [3, 4]
     run_task(lm_config(corpus, tmp_path / "run", "train.steps=8", *keep))  # resumed from step 4
     assert on_disk() == [3, 6, 8]
+    # a kept step restores as itself: the first 3 steps of the 4-step run, run again on their own
+    from gpt_jax.trainer import restore_params
+
+    run_task(lm_config(corpus, tmp_path / "three", "train.steps=3", "optim.decay_steps=4", *keep))
+    kept, newest = (jax.tree.leaves(restore_params(tmp_path / "run", step=s)) for s in (3, 8))
+    for a, b in zip(kept, jax.tree.leaves(restore_params(tmp_path / "three", "last")), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert not all(np.array_equal(a, b) for a, b in zip(kept, newest, strict=True))
     with pytest.raises(ConfigError, match="train.keep_every=3 is not a multiple of train.save_every=2"):
         lm_config(corpus, tmp_path / "other", "train.save_every=2", "train.keep_every=3")
     with pytest.raises(ConfigError, match="train.keep_every must be >= 1, got 0"):
@@ -224,7 +232,8 @@ def test_predict_and_evaluate_read_new_and_earlier_fine_tuning_runs(ft_run, corp
         assert evaluate.main(["--checkpoint", str(run), "perplexity", "--input", str(tmp_path / "text.txt")]) == 0
         scores.append(capsys.readouterr().out)
     assert scores[0].startswith("perplexity ") and scores[0] == scores[1]
-    with pytest.raises(Exception, match="earlier gpt_jax .* cannot be resumed; set train.out_dir"):
+    with pytest.raises(Exception, match=r"earlier gpt_jax .* cannot be resumed; set train.out_dir to a new directory "
+                                        r"\(gpt_jax.predict and gpt_jax.evaluate still read it\)$"):
         train(ft_config(corpus, old), verbose=False)
 
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, data_path
 
 SCRIPT = textwrap.dedent("""
-    import json, sys
+    import contextlib, io, json, sys
     import numpy as np
     import jax
     from gpt_jax.config import load_config
@@ -30,12 +30,15 @@ SCRIPT = textwrap.dedent("""
     if accum != "1":  # data parallel over a mesh is also in the two mixed meshes
         runs.pop("mesh_dp8")
     assert jax.device_count() == 8
-    result = {}
+    result, used = {}, {}
     for name, extra in runs.items():
-        r = train(load_config(None, base + extra + [f"train.out_dir={out}/{name}"]), verbose=False)
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            r = train(load_config(None, base + extra + [f"train.out_dir={out}/{name}"]))
+        used[name] = [l for l in printed.getvalue().splitlines() if l.startswith("parallel: ")]
         losses = [json.loads(l)["loss"] for l in open(f"{out}/{name}/metrics.jsonl") if '"train"' in l]
         np.savez(f"{out}/{name}.npz", *[np.asarray(x) for x in jax.tree.leaves(r["params"])])
         result[name] = losses
+    print("USED " + json.dumps(used))
     print("RESULT " + json.dumps(result))
 """)
 
@@ -58,6 +61,12 @@ def test_every_strategy_matches_single_device(tmp_path, corpus, accum):
     proc = run_on_8_devices([str(corpus), str(tmp_path), str(accum)], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    used = json.loads(proc.stdout.split("USED ", 1)[1].splitlines()[0])  # each run's "parallel: ..." line
+    expect = {"single": "single device", "pmap8": "pmap over 8 local devices", "mesh_dp8": "mesh {'data': 8, 'fsdp': 1, ",
+              "mesh_fsdp4_dp2": "mesh {'data': 2, 'fsdp': 4, ", "mesh_tp2_dp4": "mesh {'data': 4, 'fsdp': 1, 'tensor': 2}"}
+    assert {name: len(lines) for name, lines in used.items()} == {name: 1 for name in result}, used
+    for name, (line,) in used.items():
+        assert line.startswith(f"parallel: {expect[name]}"), (name, line)  # the strategy asked for ran
     ref = np.array(result.pop("single"))
     assert len(ref) == 5 and ref[-1] < ref[0]
     ref_params = np.load(tmp_path / "single.npz")
@@ -159,17 +168,23 @@ def test_dry_run_reports_per_device_memory_shrinking_with_fsdp(tmp_path):
                 "parallel.strategy=mesh"]
         dp = dry_run(load_config(None, base + ["parallel.data=8"]))
         fsdp = dry_run(load_config(None, base + ["parallel.data=1", "parallel.fsdp=8"]))
-        print("RESULT " + json.dumps([dp, fsdp]))
+        pmap = dry_run(load_config(None, base[:-1] + ["parallel.strategy=pmap"]))
+        print("RESULT " + json.dumps([dp, fsdp, pmap]))
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "per device: parameters" in proc.stdout
-    dp, fsdp = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    dp, fsdp, pmap = json.loads(proc.stdout.split("RESULT ", 1)[1])
     from gpt_jax import GPTConfig, param_count
 
-    n = param_count(GPTConfig.preset("gpt2-tiny", n_embd=128, n_head=4))
+    tiny = GPTConfig.preset("gpt2-tiny", n_embd=128, n_head=4)
+    n = param_count(tiny)
     assert dp["params_bytes"] == 4 * n and dp["opt_state_bytes"] >= 8 * n  # replicated: all of it per device
+    assert pmap["params_bytes"] == dp["params_bytes"] and pmap["opt_state_bytes"] == dp["opt_state_bytes"]
+    # the executable's arguments: the state and an eighth of the batch (16 x (T + 1) int32) on each device
+    rest, batch = dp["argument_bytes"] - dp["params_bytes"] - dp["opt_state_bytes"], 16 * (tiny.n_positions + 1) * 4
+    assert batch / 8 <= rest < batch / 4, (rest, batch)
     assert fsdp["params_bytes"] < dp["params_bytes"] / 6 and fsdp["opt_state_bytes"] < dp["opt_state_bytes"] / 6
 
 

@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     parser.add_argument("tests", nargs="+", help="test files or node ids (pytest arguments, e.g. -k EXPR)")
     parser.add_argument("--sample", type=int, default=20, help="mutants to run (0: all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mutants", nargs="+", metavar="NAME",
+                        help="run these mutants instead of a sample (e.g. the survivors of a sample, against more tests)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per mutant before it counts as killed")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a new temporary one)")
     parser.add_argument("--out", type=Path, help="results JSON (default: <work>/result.json)")
@@ -98,8 +100,15 @@ def main(argv=None) -> int:
     dest = scratch_copy(work)
     os.chdir(dest)  # mutmut reads its settings from the current folder
     names, diffs = write_mutants(args.module, dest)
-    chosen = sorted(random.Random(args.seed).sample(names, args.sample) if 0 < args.sample < len(names) else names,
-                    key=lambda n: (n.rpartition("__mutmut_")[0], int(n.rpartition("_")[2])))
+    if args.mutants:
+        unknown = sorted(set(args.mutants) - set(names))
+        if unknown:
+            print(f"error: {args.module} has no mutant {unknown[0]} (names as in a result file's 'mutant')")
+            return 2
+        chosen = list(args.mutants)
+    else:
+        chosen = random.Random(args.seed).sample(names, args.sample) if 0 < args.sample < len(names) else names
+    chosen = sorted(chosen, key=lambda n: (n.rpartition("__mutmut_")[0], int(n.rpartition("_")[2])))
     print(f"{args.module}: {len(names)} mutants, running {len(chosen)} against {' '.join(args.tests)} in {work}",
           flush=True)
 
