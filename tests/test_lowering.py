@@ -3,9 +3,9 @@ T = 1024) lowered for `cuda` and `tpu` by tests/lowering_probe.py on 8 fake CPU 
 
 For the train step (single, pmap, mesh fsdp 4 x tensor 2), the eval step and generate (batch 1 and 8):
 the flash kernel is called (cuDNN fmha with a causal mask / the TPU Mosaic kernel), no [.., N, T, S]
-score tensor exists, no program has a host callback, and under 2% of each one's dot FLOPs have a
-float32 operand (generate's: the prefill and one decode step). Only cuDNN's version query is
-stubbed (a CPU jaxlib has no cuDNN).
+score tensor exists, no program has a host callback, and under 2% of a step's dot FLOPs have a
+float32 operand (none of generate's). Only cuDNN's version query is stubbed (a CPU jaxlib has no
+cuDNN).
 """
 
 import json
@@ -53,4 +53,7 @@ def test_flash_kernel_and_no_score_tensor(lowered, platform, case):
 def test_bf16_step_is_bf16(lowered, platform, case):
     r = lowered[platform][case]
     assert r["host_callbacks"] == [], r["host_callbacks"]
-    assert r["f32_dot_share"] < 0.02, f"{r['f32_dot_share']:.1%} of the dot FLOPs have a float32 operand"
+    # generate: none at all (its one decode step weighs little beside a 512-token prefill, so a share
+    # would hide an fp32 LM head there)
+    limit = 0.0 if case.startswith("generate") else 0.02
+    assert r["f32_dot_share"] <= limit, f"{r['f32_dot_share']:.3%} of the dot FLOPs have a float32 operand"

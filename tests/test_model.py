@@ -301,3 +301,15 @@ def test_tiny_gpt2_reproduces_reference_outputs(tmp_path, pad):
         assert logits.argmax(-1).tolist() == case["logits_argmax"]
         loss = float(lm_loss(out.logits[:, :-1], ids[:, 1:]))
         assert abs(loss - case["loss"]) <= 1e-5, (case["text"], case["dtype"], loss, case["loss"])
+
+
+def test_lm_loss_weights_average_over_the_kept_positions():
+    rng = np.random.default_rng(0)
+    logits, targets = rng.normal(size=(2, 5, 7)), rng.integers(0, 7, size=(2, 5))
+    weights = np.array([[1, 1, 0, 1, 0], [0, 0, 0, 1, 1]])
+    log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    nll = -np.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    got = lm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), jnp.asarray(weights))
+    np.testing.assert_allclose(got, (nll * weights).sum() / weights.sum(), rtol=1e-5)
+    np.testing.assert_allclose(lm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(targets)), nll.mean(), rtol=1e-5)
+    assert float(lm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), jnp.zeros((2, 5)))) == 0.0  # not NaN

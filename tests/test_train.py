@@ -71,6 +71,8 @@ def test_end_to_end_run_writes_everything(reference_run):
     train_rec = next(r for r in records if r["kind"] == "train")
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(train_rec)
     assert [r["step"] for r in records if r["kind"] == "eval"] == [10, 20, 30]
+    done = out.split("done: step 30", 1)[1].splitlines()[0]  # reports the last evaluation's loss
+    assert f"val loss {[r['val_loss'] for r in records if r['kind'] == 'eval'][-1]:.4f}, " in done, done
     assert (run_dir / "config.yaml").is_file() and (run_dir / "tokenizer.json").is_file()
     assert (run_dir / "loss.png").stat().st_size > 1000
     assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
