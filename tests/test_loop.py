@@ -355,3 +355,12 @@ def test_dry_run_of_a_fine_tuning_config_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="mode: finetune run needs its base model and task files"):
         dry_run(load_config(None, ["mode=finetune"]))
+
+
+def test_a_quiet_run_prints_nothing(corpus, tmp_path, capsys):
+    from gpt_jax.trainer import train
+
+    capsys.readouterr()
+    train(lm_config(corpus, tmp_path / "run", "train.steps=2", "train.eval_every=2"), verbose=False)
+    assert capsys.readouterr().out == ""
+    assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"kind": "train"') == 2
