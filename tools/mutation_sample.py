@@ -92,6 +92,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not (ROOT / args.module).is_file():
         parser.error(f"{args.module} is not a file of the repository")
+    try:
+        import mutmut  # noqa: F401
+    except ImportError:
+        parser.error("mutmut is not installed; pip install mutmut==3.8.1 (the version TESTING.md's figures come from)")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="gpt_jax_mutation_"))
     if (work / "mutants").exists():
