@@ -364,3 +364,20 @@ def test_a_quiet_run_prints_nothing(corpus, tmp_path, capsys):
     train(lm_config(corpus, tmp_path / "run", "train.steps=2", "train.eval_every=2"), verbose=False)
     assert capsys.readouterr().out == ""
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"kind": "train"') == 2
+
+
+def test_finetuning_mfu_counts_the_task_sequence_length_not_the_context(corpus, tmp_path, monkeypatch):
+    """MFU = tokens/s x (6 N + 12 L D T) / peak with T the fine-tuning batches' length (PaLM's count,
+    N without the position embedding), here shorter than the 64-token context."""
+    from gpt_jax.finetune import FinetuneTask
+    from gpt_jax.model import param_count
+
+    monkeypatch.setattr(loop, "device_peak_flops", lambda dtype: (1e12, "a stated peak"))
+    config = ft_config(corpus, tmp_path / "run", "model.n_positions=64", "finetune.epochs=1")
+    task = FinetuneTask(config, verbose=False)
+    T, m = task.seq_len, task.config.model  # the model with its vocabulary grown by the special tokens
+    assert T < m.n_positions
+    per_token = 6 * (param_count(m) - m.n_positions * m.n_embd) + 12 * m.n_layer * m.n_embd * T
+    run_task(config)
+    for r in records(tmp_path / "run"):
+        np.testing.assert_allclose(r["mfu"] / r["tokens_per_s"], per_token / 1e12, rtol=1e-9)
