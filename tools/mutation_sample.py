@@ -20,11 +20,11 @@ import difflib
 import json
 import os
 import random
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -97,7 +97,10 @@ def main(argv=None) -> int:
     except ImportError:
         parser.error("mutmut is not installed; pip install mutmut==3.8.1 (the version TESTING.md's figures come from)")
 
-    work = args.work or Path(tempfile.mkdtemp(prefix="gpt_jax_mutation_"))
+    work = (args.work or Path(tempfile.mkdtemp(prefix="gpt_jax_mutation_"))).resolve()
+    if work == ROOT or ROOT in work.parents:
+        parser.error(f"--work {args.work} is inside the repository; choose a folder outside it")
+    out = (args.out or work / "result.json").resolve()  # before the chdir below
     if (work / "mutants").exists():
         shutil.rmtree(work / "mutants")
     work.mkdir(parents=True, exist_ok=True)
@@ -131,15 +134,15 @@ def main(argv=None) -> int:
                         "diff": diffs[name]})
         print(f"[{i}/{len(chosen)}] {outcome:8s} {seconds:5.0f} s  {name}", flush=True)
         if outcome != "killed":
-            print(re.sub(r"^", "    ", diffs[name], flags=re.M), flush=True)
+            print(textwrap.indent(diffs[name], "    "), flush=True)
 
     counts = {k: sum(r["outcome"] == k for r in results) for k in ("killed", "timeout", "survived")}
+    counts["error"] = len(results) - sum(counts.values())  # pytest could not run (exit code 2-5): not a kill
     summary = {"module": args.module, "tests": args.tests, "mutants": len(names), "sample": len(chosen),
                "seed": args.seed, **counts, "results": results}
-    out = args.out or work / "result.json"
     out.write_text(json.dumps(summary, indent=1))
     print(f"{args.module}: {counts['killed'] + counts['timeout']} of {len(chosen)} killed "
-          f"({counts['timeout']} by timeout), {counts['survived']} survived; {out}")
+          f"({counts['timeout']} by timeout), {counts['survived']} survived, {counts['error']} errors; {out}")
     return 0
 
 
