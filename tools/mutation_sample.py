@@ -86,6 +86,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--mutants", nargs="+", metavar="NAME",
                         help="run these mutants instead of a sample (e.g. the survivors of a sample, against more tests)")
+    parser.add_argument("--exclude", nargs="+", type=Path, default=[], metavar="JSON",
+                        help="result files of earlier passes: their mutants are not drawn again (a second sample)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per mutant before it counts as killed")
     parser.add_argument("--work", type=Path, help="scratch folder (default: a new temporary one)")
     parser.add_argument("--out", type=Path, help="results JSON (default: <work>/result.json)")
@@ -97,6 +99,12 @@ def main(argv=None) -> int:
     except ImportError:
         parser.error("mutmut is not installed; pip install mutmut==3.8.1 (the version TESTING.md's figures come from)")
 
+    seen = set()
+    for path in args.exclude:
+        try:
+            seen |= {r["mutant"] for r in json.loads(path.read_text())["results"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            parser.error(f"--exclude {path}: not a result file of this script ({e})")
     work = (args.work or Path(tempfile.mkdtemp(prefix="gpt_jax_mutation_"))).resolve()
     if work == ROOT or ROOT in work.parents:
         parser.error(f"--work {args.work} is inside the repository; choose a folder outside it")
@@ -114,9 +122,10 @@ def main(argv=None) -> int:
             return 2
         chosen = list(args.mutants)
     else:
-        chosen = random.Random(args.seed).sample(names, args.sample) if 0 < args.sample < len(names) else names
+        pool = [n for n in names if n not in seen]
+        chosen = random.Random(args.seed).sample(pool, args.sample) if 0 < args.sample < len(pool) else pool
     chosen = sorted(chosen, key=lambda n: (n.rpartition("__mutmut_")[0], int(n.rpartition("_")[2])))
-    print(f"{args.module}: {len(names)} mutants, running {len(chosen)} against {' '.join(args.tests)} in {work}",
+    print(f"{args.module}: {len(names)} mutants ({len(seen & set(names))} excluded), running {len(chosen)} against {' '.join(args.tests)} in {work}",
           flush=True)
 
     for check, expect in (("", "survived"), ("fail", "killed")):  # unmutated passes; every function raising fails
@@ -139,7 +148,8 @@ def main(argv=None) -> int:
     counts = {k: sum(r["outcome"] == k for r in results) for k in ("killed", "timeout", "survived")}
     counts["error"] = len(results) - sum(counts.values())  # pytest could not run (exit code 2-5): not a kill
     summary = {"module": args.module, "tests": args.tests, "mutants": len(names), "sample": len(chosen),
-               "seed": args.seed, **counts, "results": results}
+               "seed": args.seed,
+               "excluded": sorted(seen & set(names)), **counts, "results": results}
     out.write_text(json.dumps(summary, indent=1))
     print(f"{args.module}: {counts['killed'] + counts['timeout']} of {len(chosen)} killed "
           f"({counts['timeout']} by timeout), {counts['survived']} survived, {counts['error']} errors; {out}")
