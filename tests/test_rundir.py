@@ -160,6 +160,35 @@ def test_checksums_change_with_every_single_bit():
     assert int(checksums({"x": jnp.asarray(swapped)})["x"]) != base
 
 
+def test_checkpoint_names_each_array_by_its_dotted_path(tmp_path):
+    """The saved checksums and the mismatch messages name arrays as `params.wte.embedding`,
+    `opt_state.0.mu.w` (dict keys, tuple indices, named-tuple fields joined by dots): the names a
+    checkpoint written by an earlier version holds, so another spelling would fail every checksum."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from gpt_jax.checkpoint import Checkpointer
+    from gpt_jax.rundir import RunDirError
+
+    state = {"params": {"wte": {"embedding": jnp.ones(4)}},
+             "opt_state": (optax.ScaleByAdamState(jnp.zeros((), jnp.int32), {"w": jnp.ones(2)}, {"w": jnp.ones(2)}),),
+             "step": jnp.zeros((), jnp.int32)}
+    ckpt = Checkpointer(tmp_path, keep=1)
+    ckpt.save(1, state, {"config": {}})
+    ckpt.wait()
+    ckpt.close()
+    saved = json.loads((tmp_path / "checkpoints" / "1" / "meta" / "metadata").read_text())
+    assert sorted(saved["checksums"]) == ["opt_state.0.count", "opt_state.0.mu.w", "opt_state.0.nu.w",
+                                          "params.wte.embedding", "step"]
+    other = {**state, "params": {"wte": {"embedding": jnp.ones(5)}}}
+    ckpt = Checkpointer(tmp_path, keep=1)
+    with pytest.raises(RunDirError) as e:
+        ckpt.restore_latest(jax.eval_shape(lambda: other))
+    ckpt.close()
+    assert "params.wte.embedding: saved (4,) float32, now (5,) float32" in str(e.value)
+
+
 def test_checkpoint_whose_arrays_fail_their_checksum_is_set_aside(tmp_path):
     import jax
     import jax.numpy as jnp

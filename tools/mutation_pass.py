@@ -53,7 +53,7 @@ def _record(name, caller=None):
     key = (os.environ.get("GPT_JAX_MUTATION_TEST", "<collection>"), name)
     if key not in _seen:
         _seen.add(key)
-        with open(os.environ["GPT_JAX_MUTATION_HITS"], "a") as f:
+        with open(os.environ["GPT_JAX_MUTATION_HITS"], "a", encoding="utf-8") as f:
             f.write(key[0] + "\\t" + name + "\\n")
 
 
@@ -80,7 +80,7 @@ def pytest_runtest_logreport(report):
 def fingerprint(modules: list[str]) -> str:
     """The mutated modules' text: the mutants and their names follow from it."""
     h = hashlib.sha256()
-    for m in modules:
+    for m in sorted(modules):
         h.update(m.encode() + b"\0" + (ROOT / m).read_bytes())
     return h.hexdigest()[:16]
 
@@ -90,17 +90,23 @@ def environment(dest: Path, work: Path) -> dict:
             "GPT_JAX_DATA": os.environ.get("GPT_JAX_DATA", str(ROOT.parent / "shared" / "data"))}
 
 
-def prepare(work: Path, modules: list[str], tests: list[str]) -> dict:
+def prepare(work: Path, modules: list[str], tests: list[str], fresh: bool = False, readonly: bool = False) -> dict:
     """The scratch copy with every module's mutants written in; reused while the sources are unchanged."""
     meta_path = work / "mutants.json"
     fp = fingerprint(modules)
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if meta["fingerprint"] == fp and meta["modules"] == modules:
+        if readonly or (meta["fingerprint"] == fp and sorted(meta["modules"]) == sorted(modules)):
+            if meta["fingerprint"] != fp:
+                print("note: the mutated modules have changed since this pass was made")
             return meta
-        print(f"the sources changed since {work} was made: starting the pass again", flush=True)
+        if not fresh:
+            sys.exit(f"{work} holds a pass over other modules or other source text ({', '.join(meta['modules'])}): "
+                     "give another --work, or --fresh to start this one again (its results are deleted)")
         for name in ("results.jsonl", "hits.tsv", "times.jsonl", "stats.json"):
             (work / name).unlink(missing_ok=True)
+    elif readonly:
+        sys.exit(f"{work} holds no mutation pass")
     work.mkdir(parents=True, exist_ok=True)
     dest = scratch_copy(work)
     cwd = os.getcwd()
@@ -336,7 +342,10 @@ def main(argv=None) -> int:
     parser.add_argument("--max-seconds", type=float, default=120,
                         help="a mutant runs the fastest tests that reach it up to this much statistics-run time")
     parser.add_argument("--budget", type=float, default=float("inf"), help="start no mutant after this many seconds")
+    parser.add_argument("--fresh", action="store_true", help="start again in a --work that holds another pass")
     parser.add_argument("--report", action="store_true", help="print the counts so far and stop")
+    parser.add_argument("--show", nargs="*", metavar="MODULE",
+                        help="print every mutant not killed so far (of these modules), with its diff, and stop")
     args = parser.parse_args(argv)
     for m in args.modules:
         if not (ROOT / m).is_file():
@@ -348,10 +357,18 @@ def main(argv=None) -> int:
         import mutmut  # noqa: F401
     except ImportError:
         parser.error("mutmut is not installed; pip install mutmut==3.8.1")
-    meta = prepare(work, args.modules, args.tests)
+    meta = prepare(work, args.modules, args.tests, fresh=args.fresh,
+                   readonly=args.report or args.show is not None)
     if args.report:
         report(work, meta)
         return 0
+    if args.show is not None:
+        for line in (work / "results.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r["outcome"] not in ("killed", "timeout") and (not args.show or r["module"] in args.show):
+                print(f"{r['mutant']}: {r['outcome']} ({r['tests']} tests, {r['left_out']} left out)\n{r['diff']}\n")
+        return 0
+    meta["modules"] = args.modules  # the order to run them in
     (work / "logs").mkdir(exist_ok=True)
     stats = statistics(work, Path(meta["dest"]), args.tests, args.jobs)
     print(f"statistics: {len(stats['seconds'])} tests, {len(stats['reached'])} functions reached "
