@@ -189,6 +189,63 @@ def test_checkpoint_names_each_array_by_its_dotted_path(tmp_path):
     assert "params.wte.embedding: saved (4,) float32, now (5,) float32" in str(e.value)
 
 
+def test_array_differences_name_an_array_found_on_one_side_only():
+    import jax
+    import jax.numpy as jnp
+
+    from gpt_jax.checkpoint import array_differences
+
+    def tree(**shapes):
+        return {k: jax.ShapeDtypeStruct(v, jnp.float32) for k, v in shapes.items()}
+
+    assert array_differences(tree(a=(2,), b=(3,)), tree(a=(2,), c=(4,))) == [
+        "1 array(s) only in the checkpoint, e.g. b", "1 array(s) only in this command's state, e.g. c"]
+    assert array_differences(tree(a=(2,)), tree(a=(2,))) == []
+
+
+def test_only_the_failures_checkpoint_reports_itself_are_kept_out_of_the_logs(monkeypatch):
+    """orbax's ERROR records of a failed write (os_error_code=N, in the message or its traceback) and of
+    a damaged checkpoint's metadata are dropped, once the filter is installed; warnings and other errors
+    pass, and so do unraisable exceptions other than TensorStore's "Event loop is closed"."""
+    import logging
+    import types
+
+    from gpt_jax import checkpoint
+
+    def record(level, message, error=None):
+        exc_info = None
+        if error is not None:
+            try:
+                raise error
+            except OSError:
+                exc_info = sys.exc_info()
+        return logging.LogRecord("absl", level, __file__, 1, message, None, exc_info)
+
+    keep = checkpoint._ReportedErrorLogs().filter
+    assert not keep(record(logging.ERROR, "write failed: os_error_code=28 [No space left]"))
+    assert not keep(record(logging.ERROR, "Failed to read Metadata file at /run/checkpoints/2"))
+    assert not keep(record(logging.ERROR, "save failed", OSError("INTERNAL: os_error_code=28")))
+    assert keep(record(logging.ERROR, "save failed", OSError("permission denied")))
+    assert keep(record(logging.ERROR, "an error of another kind"))
+    assert keep(record(logging.WARNING, "os_error_code=28 retrying"))
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    for name in ("absl", "asyncio"):
+        monkeypatch.setattr(logging.getLogger(name), "filters", [])
+    checkpoint._quiet_known_noise()
+    hook = sys.unraisablehook
+    checkpoint._quiet_known_noise()  # once per process: not wrapped again, no second filter
+    assert sys.unraisablehook is hook
+    assert [type(f) for f in logging.getLogger("absl").filters] == [checkpoint._ReportedErrorLogs]
+    assert [type(f) for f in logging.getLogger("asyncio").filters] == [checkpoint._ReportedErrorLogs]
+    closed, other = (types.SimpleNamespace(exc_value=e) for e in (RuntimeError("Event loop is closed"),
+                                                                  RuntimeError("something else")))
+    sys.unraisablehook(closed)
+    sys.unraisablehook(other)
+    assert seen == [other]
+
+
 def test_checkpoint_whose_arrays_fail_their_checksum_is_set_aside(tmp_path):
     import jax
     import jax.numpy as jnp

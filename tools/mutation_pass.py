@@ -317,6 +317,27 @@ def run_mutants(work: Path, meta: dict, stats: dict, jobs: int, only: list[str] 
           f"all run in {time.time() - start:.0f} s", flush=True)
 
 
+def take_results(work: Path, meta: dict, source: Path) -> None:
+    """Results of an earlier pass (a committed copy, say) for mutants that are still the same change:
+    the same name and the same diff. The others run again."""
+    results_path = work / "results.jsonl"
+    done = set()
+    if results_path.exists():
+        done = {json.loads(line)["mutant"] for line in results_path.read_text().splitlines()}
+    taken = stale = 0
+    with open(results_path, "a") as out:
+        for line in source.read_text().splitlines():
+            r = json.loads(line)
+            if r["mutant"] in done:
+                continue
+            if meta["mutants"].get(r["module"], {}).get(r["mutant"]) == r["diff"]:
+                out.write(line + "\n")
+                taken += 1
+            else:
+                stale += 1
+    print(f"{source}: {taken} results taken, {stale} for mutants that changed or are not in this pass")
+
+
 def report(work: Path, meta: dict) -> dict:
     rows = {}
     results = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()] \
@@ -342,6 +363,8 @@ def main(argv=None) -> int:
     parser.add_argument("--max-seconds", type=float, default=120,
                         help="a mutant runs the fastest tests that reach it up to this much statistics-run time")
     parser.add_argument("--budget", type=float, default=float("inf"), help="start no mutant after this many seconds")
+    parser.add_argument("--results-from", type=Path, metavar="JSONL",
+                        help="take an earlier pass's results for the mutants that are still the same change")
     parser.add_argument("--fresh", action="store_true", help="start again in a --work that holds another pass")
     parser.add_argument("--report", action="store_true", help="print the counts so far and stop")
     parser.add_argument("--show", nargs="*", metavar="MODULE",
@@ -369,6 +392,8 @@ def main(argv=None) -> int:
                 print(f"{r['mutant']}: {r['outcome']} ({r['tests']} tests, {r['left_out']} left out)\n{r['diff']}\n")
         return 0
     meta["modules"] = args.modules  # the order to run them in
+    if args.results_from:
+        take_results(work, meta, args.results_from)
     (work / "logs").mkdir(exist_ok=True)
     stats = statistics(work, Path(meta["dest"]), args.tests, args.jobs)
     print(f"statistics: {len(stats['seconds'])} tests, {len(stats['reached'])} functions reached "
