@@ -246,6 +246,48 @@ def test_only_the_failures_checkpoint_reports_itself_are_kept_out_of_the_logs(mo
     assert seen == [other]
 
 
+def test_checkpointer_keeps_the_newest_and_every_kth_and_a_reader_changes_nothing(tmp_path):
+    """keep (2 by default) newest plus every keep_every-th step; a writer clears a killed save's
+    temporary folder; a reader (read_only) creates nothing, clears nothing and moves no damaged
+    checkpoint aside: it falls back to the previous one and leaves the directory as it was."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt_jax.checkpoint import Checkpointer
+
+    def saved(root, steps, **kw):
+        ckpt = Checkpointer(root, **kw)
+        for step in steps:
+            ckpt.save(step, {"w": jnp.full((2,), float(step))}, {"config": {}})
+        ckpt.wait()
+        ckpt.close()
+        return ckpt.steps()
+
+    assert saved(tmp_path / "default", range(1, 5)) == [3, 4]
+    assert saved(tmp_path / "every", range(1, 8), keep=2, keep_every=3) == [3, 6, 7]
+
+    Checkpointer(tmp_path / "none", read_only=True).close()
+    assert not (tmp_path / "none").exists()
+    Checkpointer(tmp_path / "new").close()
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["best", "checkpoints"]
+
+    run = tmp_path / "every"
+    leftover = run / "checkpoints" / "9.orbax-checkpoint-tmp-1733000000"  # a save killed mid-write
+    leftover.mkdir()
+    meta = run / "checkpoints" / "7" / "meta" / "metadata"
+    damaged = json.loads(meta.read_text())
+    damaged["checksums"]["w"] ^= 1
+    meta.write_text(json.dumps(damaged))
+    before = sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+    reader = Checkpointer(run, read_only=True)
+    state, _, step = reader.restore_latest(jax.eval_shape(lambda: {"w": jnp.zeros(2)}), check=lambda m, d: None)
+    reader.close()
+    assert step == 6 and float(state["w"][0]) == 6.0
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == before
+    Checkpointer(run).close()
+    assert not leftover.exists()
+
+
 def test_checkpoint_whose_arrays_fail_their_checksum_is_set_aside(tmp_path):
     import jax
     import jax.numpy as jnp

@@ -338,18 +338,43 @@ def take_results(work: Path, meta: dict, source: Path) -> None:
     print(f"{source}: {taken} results taken, {stale} for mutants that changed or are not in this pass")
 
 
+VERDICTS = ROOT / "tools" / "mutation_verdicts.tsv"
+
+
+def verdicts(path: Path = VERDICTS) -> dict[str, tuple[str, str]]:
+    """mutant -> (killed | equivalent | harmless, why): how each survivor of a pass was sorted."""
+    out = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip() and not line.startswith("#"):
+                mutant, verdict, why = line.split("\t", 2)
+                assert verdict in ("killed", "equivalent", "harmless"), f"{path}: unknown verdict {verdict!r}"
+                out[mutant] = (verdict, why)
+    return out
+
+
 def report(work: Path, meta: dict) -> dict:
+    """Per module: the pass's counts, the survivors as sorted in VERDICTS, and the score: mutants killed
+    (in the pass, or by a test added for a survivor) over those run less the equivalent ones."""
     rows = {}
     results = [json.loads(line) for line in (work / "results.jsonl").read_text().splitlines()] \
         if (work / "results.jsonl").exists() else []
+    sorted_ = verdicts()
+    print(f"{'module':22s} {'mutants':>7s} {'run':>5s} {'killed':>6s} {'left':>5s} | {'killed':>6s} {'equiv':>5s} "
+          f"{'harml':>5s} {'open':>5s} | score")
     for module in meta["modules"]:
         mine = [r for r in results if r["module"] == module]
         c = collections.Counter(r["outcome"] if not r["outcome"].startswith("error") else "error" for r in mine)
-        rows[module] = {"mutants": len(meta["mutants"][module]), "run": len(mine), **c}
         killed = c["killed"] + c["timeout"]
-        print(f"{module:24s} {len(meta['mutants'][module]):5d} mutants, {len(mine):5d} run: {killed:5d} killed "
-              f"({c['timeout']} by timeout), {c['survived']:4d} survived, {c['no tests']:4d} reached by no test, "
-              f"{c['error']:3d} errors")
+        left = [r["mutant"] for r in mine if r["outcome"] not in ("killed", "timeout")]
+        v = collections.Counter(sorted_.get(m, ("open",))[0] for m in left)
+        denominator = len(mine) - v["equivalent"]
+        score = f"{(killed + v['killed']) / denominator:.1%}" if denominator else "-"
+        rows[module] = {"mutants": len(meta["mutants"][module]), "run": len(mine), "killed_in_pass": killed,
+                        "timeouts": c["timeout"], "not_killed": len(left), "errors": c["error"],
+                        "no_tests": c["no tests"], **{f"sorted_{k}": n for k, n in v.items()}, "score": score}
+        print(f"{module:22s} {len(meta['mutants'][module]):7d} {len(mine):5d} {killed:6d} {len(left):5d} | "
+              f"{v['killed']:6d} {v['equivalent']:5d} {v['harmless']:5d} {v['open']:5d} | {score}")
     return rows
 
 
