@@ -288,6 +288,31 @@ def test_checkpointer_keeps_the_newest_and_every_kth_and_a_reader_changes_nothin
     assert not leftover.exists()
 
 
+def test_best_holds_only_the_step_saved_as_best_and_a_retraced_step_replaces_the_saved_one(tmp_path):
+    """best/ gets a step only when saved with best=True and keeps one; a resumed run that saves a step
+    again (its step 2 after a checkpoint at 3 existed) replaces the old one rather than skipping it."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt_jax.checkpoint import Checkpointer
+
+    abstract = jax.eval_shape(lambda: {"w": jnp.zeros(2)})
+    ckpt = Checkpointer(tmp_path, keep=3)
+    ckpt.save(1, {"w": jnp.full((2,), 1.0)}, {"config": {}})
+    ckpt.save(2, {"w": jnp.full((2,), 2.0)}, {"config": {}}, best=True)
+    ckpt.save(3, {"w": jnp.full((2,), 3.0)}, {"config": {}}, best=True)
+    ckpt.save(4, {"w": jnp.full((2,), 4.0)}, {"config": {}})
+    ckpt.wait()
+    assert ckpt.best.all_steps() == [3] and ckpt.steps() == [2, 3, 4]
+    ckpt.close()
+    ckpt = Checkpointer(tmp_path, keep=3)
+    ckpt.save(2, {"w": jnp.full((2,), 20.0)}, {"config": {}})
+    ckpt.wait()
+    state, _ = ckpt.restore_step(abstract, 2)
+    ckpt.close()
+    assert float(state["w"][0]) == 20.0
+
+
 def test_checkpoint_whose_arrays_fail_their_checksum_is_set_aside(tmp_path):
     import jax
     import jax.numpy as jnp
