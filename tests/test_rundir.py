@@ -313,6 +313,85 @@ def test_best_holds_only_the_step_saved_as_best_and_a_retraced_step_replaces_the
     assert float(state["w"][0]) == 20.0
 
 
+def test_why_a_checkpoint_cannot_be_restored_is_named(tmp_path, capsys):
+    """Each fallback line says what is wrong with the checkpoint it skips; a checkpoint from before
+    checksums restores; restore_step reads that step's own JSON part."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt_jax.checkpoint import Checkpointer
+    from gpt_jax.rundir import RunDirError
+
+    names = ("a", "b", "c", "d")
+    abstract = jax.eval_shape(lambda: {k: jnp.zeros(2) for k in names})
+
+    def run(name):
+        ckpt = Checkpointer(tmp_path / name, keep=2)
+        for step in (1, 2):
+            ckpt.save(step, {k: jnp.full((2,), float(step)) for k in names}, {"config": {}, "n": step})
+        ckpt.wait()
+        ckpt.close()
+        return tmp_path / name / "checkpoints" / "2" / "meta" / "metadata"
+
+    def reason(name, check=lambda meta, differences: None, target=abstract):
+        reader = Checkpointer(tmp_path / name, read_only=True)
+        state, meta, step = reader.restore_latest(target, check=check)
+        reader.close()
+        line = capsys.readouterr().err.strip()
+        assert step == 1 and meta["n"] == 1 and float(state["a"][0]) == 1.0, line
+        assert line.startswith(f"checkpoint at step 2 in {tmp_path / name / 'checkpoints'} cannot be restored (")
+        assert line.endswith("); trying the previous one") and "\n" not in line
+        return line[line.index("(") + 1: -len("); trying the previous one")]
+
+    meta = run("checksum")
+    saved = json.loads(meta.read_text())
+    saved["checksums"]["c"] ^= 1
+    meta.write_text(json.dumps(saved))
+    assert reason("checksum") == "1 array(s) do not match their checksums, e.g. c"
+
+    meta = run("not-a-dict")
+    meta.write_text("[1]")
+    assert reason("not-a-dict") == "its metadata is missing"
+
+    meta = run("not-json")
+    meta.write_text("{")
+    assert reason("not-json").startswith("JSONDecodeError: ")
+
+    run("shapes")  # arrays that a `check` accepts as the run's but that differ from the saved ones: damage
+    seen = []
+    wider = jax.eval_shape(lambda: {k: jnp.zeros(3) for k in names})
+    reader = Checkpointer(tmp_path / "shapes", read_only=True)
+    assert reader.restore_latest(wider, check=lambda meta, differences: seen.append(differences)) is None
+    reader.close()
+    assert seen[0] == [f"{k}: saved (2,) float32, now (3,) float32" for k in names]
+    assert capsys.readouterr().err.splitlines()[0].endswith(
+        "cannot be restored (its arrays disagree with its own saved config: a: saved (2,) float32, now (3,) float32; "
+        "b: saved (2,) float32, now (3,) float32); trying the previous one")
+    ckpt = Checkpointer(tmp_path / "shapes")
+    with pytest.raises(RunDirError) as e:  # without a `check`: another run's checkpoint, three examples
+        ckpt.restore_latest(wider)
+    assert str(e.value).endswith("holds other arrays than its run's config.yaml describes: " + "; ".join(
+        f"{k}: saved (2,) float32, now (3,) float32" for k in names[:3]))
+    state, meta = ckpt.restore_step(abstract, 1)  # its own JSON part, not the newest one's
+    assert meta["n"] == 1 and float(state["a"][0]) == 1.0
+    ckpt.close()
+    ckpt = Checkpointer(tmp_path / "checksum", read_only=True)  # the reader above left step 2 in place
+    with pytest.raises(RunDirError) as e:
+        ckpt.restore_step(abstract, 2)
+    ckpt.close()
+    assert str(e.value) == (f"the checkpoint at step 2 in {tmp_path / 'checksum' / 'checkpoints'} cannot be restored "
+                            "(1 array(s) do not match their checksums, e.g. c)")
+
+    meta = run("before-checksums")
+    saved = json.loads(meta.read_text())
+    del saved["checksums"]
+    meta.write_text(json.dumps(saved))
+    ckpt = Checkpointer(tmp_path / "before-checksums", read_only=True)
+    state, meta, step = ckpt.restore_latest(abstract)
+    ckpt.close()
+    assert step == 2 and float(state["d"][0]) == 2.0 and "checksums" not in meta
+
+
 def test_checkpoint_whose_arrays_fail_their_checksum_is_set_aside(tmp_path):
     import jax
     import jax.numpy as jnp
