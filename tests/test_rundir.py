@@ -361,6 +361,13 @@ def test_why_a_checkpoint_cannot_be_restored_is_named(tmp_path, capsys):
     meta.write_text("{")
     assert reason("not-json") == "JSONDecodeError: Expecting property name enclosed in double quotes: line 1 column 2 (char 1)"
 
+    run("no-arrays")
+    for f in (tmp_path / "no-arrays" / "checkpoints" / "2").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.unlink()
+    kind, _, text = reason("no-arrays").partition(": ")  # TensorStore's error, cut at 200 characters
+    assert kind.isidentifier() and kind.endswith("Error") and len(text) == 200, (kind, text)
+
     run("shapes")  # arrays that a `check` accepts as the run's but that differ from the saved ones: damage
     seen = []
     wider = jax.eval_shape(lambda: {k: jnp.zeros(3) for k in names})
