@@ -403,6 +403,44 @@ def test_why_a_checkpoint_cannot_be_restored_is_named(tmp_path, capsys):
     assert step == 2 and float(state["d"][0]) == 2.0 and "checksums" not in meta
 
 
+def test_the_owner_sets_aside_each_damaged_checkpoint_and_every_process_waits_for_it(tmp_path, monkeypatch, capsys):
+    """Two damaged checkpoints in a row both go to corrupt/ (the folder exists for the second); one set
+    aside again replaces the earlier copy under that name instead of nesting inside it; every process
+    meets at a barrier named for the step (a multi-process run's processes must pass the same name)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt_jax import checkpoint
+    from gpt_jax.checkpoint import Checkpointer
+
+    waits = []
+    monkeypatch.setattr(checkpoint, "barrier", waits.append)
+    ckpt = Checkpointer(tmp_path, keep=3)
+    for step in (1, 2, 3):
+        ckpt.save(step, {"w": jnp.full((2,), float(step))}, {"config": {}})
+    ckpt.wait()
+    ckpt.close()
+    for step in (2, 3):
+        meta = tmp_path / "checkpoints" / str(step) / "meta" / "metadata"
+        saved = json.loads(meta.read_text())
+        saved["checksums"]["w"] ^= 1
+        meta.write_text(json.dumps(saved))
+    earlier = tmp_path / "corrupt" / "checkpoints-2"
+    earlier.mkdir(parents=True)
+    (earlier / "from-an-earlier-run").write_text("")
+    ckpt = Checkpointer(tmp_path, keep=3)
+    state, _, step = ckpt.restore_latest(jax.eval_shape(lambda: {"w": jnp.zeros(2)}), check=lambda m, d: None)
+    ckpt.close()
+    assert step == 1 and float(state["w"][0]) == 1.0 and ckpt.steps() == [1]
+    assert waits == ["gpt_jax: checkpoint 3 moved aside", "gpt_jax: checkpoint 2 moved aside"]
+    assert sorted(p.name for p in (tmp_path / "corrupt").iterdir()) == ["checkpoints-2", "checkpoints-3"]
+    assert sorted(p.name for p in earlier.iterdir()) == sorted(p.name for p in (tmp_path / "corrupt" / "checkpoints-3").iterdir())
+    assert "meta" in {p.name for p in earlier.iterdir()}
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[1] == (f"checkpoint at step 2 in {tmp_path / 'checkpoints'} cannot be restored (1 array(s) do not match "
+                        f"their checksums, e.g. w); moved it to {earlier} and trying the previous one")
+
+
 def test_checkpoint_whose_arrays_fail_their_checksum_is_set_aside(tmp_path):
     import jax
     import jax.numpy as jnp
