@@ -342,13 +342,15 @@ VERDICTS = ROOT / "tools" / "mutation_verdicts.tsv"
 
 
 def verdicts(path: Path = VERDICTS) -> dict[str, tuple[str, str]]:
-    """mutant -> (killed | equivalent | harmless, why): how each survivor of a pass was sorted."""
+    """mutant -> (verdict, why): how each survivor of a pass was sorted. killed: by a test added or
+    named since (checked with tools/mutation_sample.py --mutants); equivalent: no input tells it apart;
+    harmless: it changes only a display detail or the time taken; real: a gap no test closes yet."""
     out = {}
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip() and not line.startswith("#"):
                 mutant, verdict, why = line.split("\t", 2)
-                assert verdict in ("killed", "equivalent", "harmless"), f"{path}: unknown verdict {verdict!r}"
+                assert verdict in ("killed", "equivalent", "harmless", "real"), f"{path}: unknown verdict {verdict!r}"
                 out[mutant] = (verdict, why)
     return out
 
@@ -361,7 +363,7 @@ def report(work: Path, meta: dict) -> dict:
         if (work / "results.jsonl").exists() else []
     sorted_ = verdicts()
     print(f"{'module':22s} {'mutants':>7s} {'run':>5s} {'killed':>6s} {'left':>5s} | {'killed':>6s} {'equiv':>5s} "
-          f"{'harml':>5s} {'open':>5s} | score")
+          f"{'harml':>5s} {'real':>5s} {'open':>5s} | score")
     for module in meta["modules"]:
         mine = [r for r in results if r["module"] == module]
         c = collections.Counter(r["outcome"] if not r["outcome"].startswith("error") else "error" for r in mine)
@@ -374,7 +376,7 @@ def report(work: Path, meta: dict) -> dict:
                         "timeouts": c["timeout"], "not_killed": len(left), "errors": c["error"],
                         "no_tests": c["no tests"], **{f"sorted_{k}": n for k, n in v.items()}, "score": score}
         print(f"{module:22s} {len(meta['mutants'][module]):7d} {len(mine):5d} {killed:6d} {len(left):5d} | "
-              f"{v['killed']:6d} {v['equivalent']:5d} {v['harmless']:5d} {v['open']:5d} | {score}")
+              f"{v['killed']:6d} {v['equivalent']:5d} {v['harmless']:5d} {v['real']:5d} {v['open']:5d} | {score}")
     return rows
 
 
