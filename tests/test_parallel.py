@@ -203,3 +203,29 @@ def test_a_mesh_axis_that_cannot_split_a_dimension_is_named_not_dropped_silently
         spec = _mesh_spec(P("vocab", "embed"), (50257, 768), mesh, "params/wte/embedding")
     assert spec == P(None, "fsdp")
     assert any("params/wte/embedding" in str(w.message) and "pad_vocab_multiple" in str(w.message) for w in caught)
+
+
+
+# Config validation (RANGES) admits -1 for parallel.data only and sizes >= 1 elsewhere.
+@pytest.mark.parametrize("sizes, devices, shape", [
+    ((-1, 1, 1), 8, (8, 1, 1)), ((-1, 2, 2), 8, (2, 2, 2)), ((-1, 1, 4), 8, (2, 1, 4)), ((2, 4, 1), 8, (2, 4, 1)),
+    ((-1, 1, 1), 1, (1, 1, 1))])
+def test_mesh_shape_fills_the_data_axis_given_as_minus_one(sizes, devices, shape):
+    from gpt_jax.config import ParallelConfig
+    from gpt_jax.parallel import mesh_shape
+
+    got = mesh_shape(ParallelConfig(strategy="mesh", data=sizes[0], fsdp=sizes[1], tensor=sizes[2]), devices)
+    assert got == shape and all(type(s) is int for s in got)
+
+
+@pytest.mark.parametrize("sizes, message", [
+    ((-1, 3, 1), "parallel.fsdp x tensor x data = 3 does not divide the 8 devices"),
+    ((1, 2, 3), "the mesh data=1 x fsdp=2 x tensor=3 = 6 devices does not match the 8 devices present; "
+                "set one axis to -1 to fill them")])
+def test_mesh_shape_errors_name_the_sizes_and_the_fix(sizes, message):
+    from gpt_jax.config import ConfigError, ParallelConfig
+    from gpt_jax.parallel import mesh_shape
+
+    with pytest.raises(ConfigError) as e:
+        mesh_shape(ParallelConfig(strategy="mesh", data=sizes[0], fsdp=sizes[1], tensor=sizes[2]), 8)
+    assert str(e.value) == message
