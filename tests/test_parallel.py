@@ -202,7 +202,16 @@ def test_a_mesh_axis_that_cannot_split_a_dimension_is_named_not_dropped_silently
         warnings.simplefilter("always")
         spec = _mesh_spec(P("vocab", "embed"), (50257, 768), mesh, "params/wte/embedding")
     assert spec == P(None, "fsdp")
-    assert any("params/wte/embedding" in str(w.message) and "pad_vocab_multiple" in str(w.message) for w in caught)
+    assert [str(w.message) for w in caught] == [
+        "params/wte/embedding: its vocab dimension (50257) does not split over mesh axis tensor (2 devices), so it "
+        "is kept whole on each; raise model.pad_vocab_multiple"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        spec = _mesh_spec(P("embed", "mlp"), (770, 3072), mesh, "params/h/mlp/c_fc/kernel")
+    assert spec == P(None, "tensor")
+    assert [str(w.message) for w in caught] == [
+        "params/h/mlp/c_fc/kernel: its embed dimension (770) does not split over mesh axis fsdp (4 devices), so it "
+        "is kept whole on each; pick a size divisible by 4"]
 
 
 
