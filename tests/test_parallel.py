@@ -238,3 +238,25 @@ def test_mesh_shape_errors_name_the_sizes_and_the_fix(sizes, message):
     with pytest.raises(ConfigError) as e:
         mesh_shape(ParallelConfig(strategy="mesh", data=sizes[0], fsdp=sizes[1], tensor=sizes[2]), 8)
     assert str(e.value) == message
+
+
+def test_param_shardings_name_the_parameter_an_axis_cannot_split():
+    """The warning names the parameter by its path in the tree, and the other axes still shard."""
+    import warnings
+
+    import jax
+    from jax.sharding import AbstractMesh, PartitionSpec as P
+
+    from gpt_jax.config import load_config
+    from gpt_jax.model import init_params
+    from gpt_jax.parallel import param_shardings
+
+    config = load_config(None, ["model.preset=gpt2-tiny", "model.vocab_size=65", "model.pad_vocab_multiple=1"])
+    abstract = jax.eval_shape(lambda: init_params(config.model, jax.random.key(0)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        shardings = param_shardings(config, AbstractMesh((1, 4, 2), ("data", "fsdp", "tensor")), abstract)
+    assert [str(w.message) for w in caught] == [
+        "params/wte/embedding: its vocab dimension (65) does not split over mesh axis tensor (2 devices), so it is "
+        "kept whole on each; raise model.pad_vocab_multiple"]
+    assert shardings["wte"]["embedding"].spec == P(None, "fsdp")
