@@ -260,3 +260,39 @@ def test_param_shardings_name_the_parameter_an_axis_cannot_split():
         "params/wte/embedding: its vocab dimension (65) does not split over mesh axis tensor (2 devices), so it is "
         "kept whole on each; raise model.pad_vocab_multiple"]
     assert shardings["wte"]["embedding"].spec == P(None, "fsdp")
+
+
+def test_state_shardings_give_each_adam_moment_its_parameter_sharding():
+    """mu and nu of every parameter shard like the parameter (found by its path of dict keys); the step,
+    the RNG and Adam's count are replicated; a task's own `specs` replace the GPT's."""
+    import jax
+    from jax.sharding import AbstractMesh, PartitionSpec as P
+
+    from gpt_jax.config import load_config
+    from gpt_jax.model import logical_axes
+    from gpt_jax.optim import make_optimizer
+    from gpt_jax.parallel import state_shardings
+    from gpt_jax.trainer import init_state
+
+    config = load_config(None, ["model.preset=gpt2-tiny"])
+    abstract = jax.eval_shape(lambda: init_state(config, make_optimizer(config.optim, 10)))
+    mesh = AbstractMesh((1, 4, 2), ("data", "fsdp", "tensor"))
+
+    def specs_by_name(tree):
+        return {jax.tree_util.keystr(p): s.spec for p, s in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+    for specs in (None, jax.tree.map(lambda s: P(), logical_axes(config.model), is_leaf=lambda s: isinstance(s, P))):
+        got = state_shardings(config, mesh, abstract, specs)
+        params = specs_by_name(got.params)
+        sharded = [name for name, spec in params.items() if any(axis is not None for axis in spec)]
+        assert len(sharded) == (len(params) if specs is None else 0), sharded
+        moments = 0
+        for path, spec in specs_by_name(got.opt_state).items():
+            param = next((k for k in params if path.endswith(".mu" + k) or path.endswith(".nu" + k)), None)
+            if param is None:  # Adam's count, and the parts of the chain that hold no arrays
+                assert spec == P(), path
+            else:
+                assert spec == params[param], path
+                moments += 1
+        assert moments == 2 * len(params)
+        assert got.step.spec == P() and got.rng.spec == P()
