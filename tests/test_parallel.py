@@ -194,24 +194,24 @@ def test_a_mesh_axis_that_cannot_split_a_dimension_is_named_not_dropped_silently
 
     from jax.sharding import PartitionSpec as P
 
-    from gpt_jax.parallel import _mesh_spec
+    from gpt_jax.parallel import _mesh_spec, _warn_once
 
     mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 4, "tensor": 2})
-    assert _mesh_spec(P("vocab", "embed"), (50304, 768), mesh, "params/wte/embedding") == P("tensor", "fsdp")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        spec = _mesh_spec(P("vocab", "embed"), (50257, 768), mesh, "params/wte/embedding")
-    assert spec == P(None, "fsdp")
-    assert [str(w.message) for w in caught] == [
+    _warn_once.cache_clear()  # each message warns once per process
+
+    def spec_and_warnings(logical, shape, where):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            spec = _mesh_spec(logical, shape, mesh, where)
+        return spec, [str(w.message) for w in caught]
+
+    assert spec_and_warnings(P("vocab", "embed"), (50304, 768), "params/wte/embedding") == (P("tensor", "fsdp"), [])
+    assert spec_and_warnings(P("vocab", "embed"), (50257, 768), "params/wte/embedding") == (P(None, "fsdp"), [
         "params/wte/embedding: its vocab dimension (50257) does not split over mesh axis tensor (2 devices), so it "
-        "is kept whole on each; raise model.pad_vocab_multiple"]
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        spec = _mesh_spec(P("embed", "mlp"), (770, 3072), mesh, "params/h/mlp/c_fc/kernel")
-    assert spec == P(None, "tensor")
-    assert [str(w.message) for w in caught] == [
+        "is kept whole on each; raise model.pad_vocab_multiple"])
+    assert spec_and_warnings(P("embed", "mlp"), (770, 3072), "params/h/mlp/c_fc/kernel") == (P(None, "tensor"), [
         "params/h/mlp/c_fc/kernel: its embed dimension (770) does not split over mesh axis fsdp (4 devices), so it "
-        "is kept whole on each; pick a size divisible by 4"]
+        "is kept whole on each; pick a size divisible by 4"])
 
 
 
@@ -249,10 +249,11 @@ def test_param_shardings_name_the_parameter_an_axis_cannot_split():
 
     from gpt_jax.config import load_config
     from gpt_jax.model import init_params
-    from gpt_jax.parallel import param_shardings
+    from gpt_jax.parallel import _warn_once, param_shardings
 
     config = load_config(None, ["model.preset=gpt2-tiny", "model.vocab_size=65", "model.pad_vocab_multiple=1"])
     abstract = jax.eval_shape(lambda: init_params(config.model, jax.random.key(0)))
+    _warn_once.cache_clear()  # each message warns once per process
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         shardings = param_shardings(config, AbstractMesh((1, 4, 2), ("data", "fsdp", "tensor")), abstract)
