@@ -297,3 +297,22 @@ def test_state_shardings_give_each_adam_moment_its_parameter_sharding():
                 moments += 1
         assert moments == 2 * len(params)
         assert got.step.spec == P() and got.rng.spec == P()
+
+
+def test_check_batch_splits_a_step_into_micro_batches_per_shard_or_names_the_fix():
+    from gpt_jax.config import ConfigError, load_config
+    from gpt_jax.parallel import check_batch
+
+    def config(batch, accum):
+        return load_config(None, ["model.preset=gpt2-tiny", f"train.batch_size={batch}", f"optim.grad_accum={accum}"])
+
+    got = check_batch(config(48, 3), 4)
+    assert got == {"global_batch": 48, "per_device_batch": 4, "grad_accum": 3, "tokens_per_step": 48 * 64}
+    assert all(type(v) is int for v in got.values())
+    with pytest.raises(ConfigError) as e:
+        check_batch(config(48, 5), 4)
+    assert str(e.value) == "train.batch_size=48 is not divisible by optim.grad_accum=5"
+    with pytest.raises(ConfigError) as e:
+        check_batch(config(48, 4), 8)
+    assert str(e.value) == ("a micro-batch of 12 sequences (train.batch_size=48 / optim.grad_accum=4) does not split "
+                            "over 8 data shards; make train.batch_size / optim.grad_accum a multiple of 8")
