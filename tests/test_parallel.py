@@ -316,3 +316,12 @@ def test_check_batch_splits_a_step_into_micro_batches_per_shard_or_names_the_fix
         check_batch(config(48, 4), 8)
     assert str(e.value) == ("a micro-batch of 12 sequences (train.batch_size=48 / optim.grad_accum=4) does not split "
                             "over 8 data shards; make train.batch_size / optim.grad_accum a multiple of 8")
+
+
+def test_single_device_accounting_has_one_shard():
+    """An odd batch is fine on one device: every sequence of a micro-batch is on it."""
+    from gpt_jax.config import load_config
+    from gpt_jax.parallel import Single
+
+    single = Single(load_config(None, ["model.preset=gpt2-tiny", "train.batch_size=3"]))
+    assert single.accounting["per_device_batch"] == 3 and single.n_devices == 1
