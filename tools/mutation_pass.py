@@ -9,15 +9,18 @@ mutmut (3.8) writes every mutant of each module into a scratch copy of the repos
    trampoline records the test that called it, in the test process and in every process the test
    starts (`train.py`, `gpt_jax.sample`, a second host). `tests/conftest.py` forgets compiled
    programs before each test, so a jitted function is recorded for every test that traces it, not
-   only the first. The tests must all pass here, and each test's time is kept.
-2. Mutants: each runs, with `-x`, the tests that reached its function, fastest first, in a process
+   only the first. A test that fails here is left out of every selection (and named); each test's
+   time is kept.
+2. Mutants: each runs, with `-x`, the tests that reached its function, fastest first and as many as
+   fit in `--max-seconds` of their statistics-run time (the rest are counted as left out), in a process
    forked from one that has imported JAX, Flax, torch and pytest but started no XLA runtime (so the
    fork is safe and a mutant costs its tests, not the imports). A mutant no test reaches is reported
    as such; one that runs past 3x its tests' time plus a minute counts as killed by timeout.
 
 Results go to `<work>/results.jsonl` as each mutant finishes, with its diff and the failing test, so
 a pass that is stopped goes on where it left off. The scratch copy (and with it the tests the pass
-runs) is kept while the mutated modules' text is what it was made from; otherwise the pass starts again.
+runs) is kept while the mutated modules' text is what it was made from; otherwise the tool stops,
+and `--fresh` starts the pass again there (`--results-from` then keeps what still applies).
 """
 
 from __future__ import annotations
