@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from mutation_sample import ROOT, scratch_copy, write_mutants  # noqa: E402
+from mutation_sample import ROOT, environment, scratch_copy, write_mutants  # noqa: E402
 
 CORE = ["optim", "model", "data", "generate", "checkpoint", "parallel", "finetune", "trainer", "loop"]
 HOOK = "from mutmut.mutation.trampoline import wrap_in_trampoline as _mutmut_mutated, MutantDict"
@@ -86,11 +86,6 @@ def fingerprint(modules: list[str]) -> str:
     for m in sorted(modules):
         h.update(m.encode() + b"\0" + (ROOT / m).read_bytes())
     return h.hexdigest()[:16]
-
-
-def environment(dest: Path, work: Path) -> dict:
-    return {"PYTHONPATH": str(dest), "GPT_JAX_STRICT": "1", "JAX_COMPILATION_CACHE_DIR": str(work / "xla_cache"),
-            "GPT_JAX_DATA": os.environ.get("GPT_JAX_DATA", str(ROOT.parent / "shared" / "data"))}
 
 
 def prepare(work: Path, modules: list[str], tests: list[str], fresh: bool = False, readonly: bool = False) -> dict:

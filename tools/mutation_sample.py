@@ -63,10 +63,14 @@ def write_mutants(module: str, dest: Path) -> tuple[list[str], dict[str, str]]:
     return names, diffs
 
 
+def environment(dest: Path, work: Path) -> dict:
+    """The mutated copy first on the path, skips as failures, one XLA cache (unmutated programs compile once)."""
+    return {"PYTHONPATH": str(dest), "GPT_JAX_STRICT": "1", "JAX_COMPILATION_CACHE_DIR": str(work / "xla_cache"),
+            "GPT_JAX_DATA": os.environ.get("GPT_JAX_DATA", str(ROOT.parent / "shared" / "data"))}
+
+
 def run_tests(dest: Path, tests: list[str], mutant: str, timeout: float) -> tuple[str, float, str]:
-    env = {**os.environ, "MUTANT_UNDER_TEST": mutant, "PYTHONPATH": str(dest), "GPT_JAX_STRICT": "1",
-           "JAX_COMPILATION_CACHE_DIR": str(dest.parent / "xla_cache"),  # unmutated programs compile once
-           "GPT_JAX_DATA": os.environ.get("GPT_JAX_DATA", str(ROOT.parent / "shared" / "data"))}  # a skip fails
+    env = {**os.environ, "MUTANT_UNDER_TEST": mutant, **environment(dest, dest.parent)}
     start = time.time()
     try:
         proc = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
