@@ -94,6 +94,8 @@ def test_two_processes_match_single_process_and_resume(tmp_path, corpus, single_
     for i, (rc, out) in enumerate(second_run):
         assert rc == 0, f"process {i}:\n{out[-4000:]}"
     assert f"resuming from step {FIRST}" in second_run[0][1]
+    pmap_out = (first_run if "parallel.strategy=pmap" in first else second_run)[0][1]
+    assert "parallel: pmap over 2 local devices on each of 2 processes (cpu); global batch 16, " in pmap_out
 
     records = train_records(run_dir)
     steps = [r["step"] for r in records if r["kind"] == "train"]

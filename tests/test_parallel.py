@@ -62,7 +62,7 @@ def test_every_strategy_matches_single_device(tmp_path, corpus, accum):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     used = json.loads(proc.stdout.split("USED ", 1)[1].splitlines()[0])  # each run's "parallel: ..." line
-    expect = {"single": "single device", "pmap8": "pmap over 8 local devices", "mesh_dp8": "mesh {'data': 8, 'fsdp': 1, ",
+    expect = {"single": "single device", "pmap8": "pmap over 8 local devices (cpu); global batch 16, ", "mesh_dp8": "mesh {'data': 8, 'fsdp': 1, ",
               "mesh_fsdp4_dp2": "mesh {'data': 2, 'fsdp': 4, ", "mesh_tp2_dp4": "mesh {'data': 4, 'fsdp': 1, 'tensor': 2}"}
     assert {name: len(lines) for name, lines in used.items()} == {name: 1 for name in result}, used
     for name, (line,) in used.items():
@@ -340,3 +340,21 @@ def test_the_single_device_step_donates_the_state_and_only_the_state():
     text = step.lower({"w": jnp.zeros((4, 4))}, jnp.ones((2, 3))).as_text()
     main = text[text.index("func.func public @main"):].split("\n", 1)[0]
     assert main.count("tf.aliasing_output") == 1 and main.index("tf.aliasing_output") < main.index("%arg1")
+
+
+def test_pmap_names_its_devices_and_keeps_one_copy_of_the_parameters_on_the_first():
+    """In a single-process run the pmap line has no process count; `params` is one copy (no device
+    axis) on the first local device, where `put_eval` puts the evaluation batches."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt_jax.config import load_config
+    from gpt_jax.parallel import Pmap
+
+    pmap = Pmap(load_config(None, ["model.preset=gpt2-tiny", "parallel.strategy=pmap"]))
+    first = jax.local_devices()[0]
+    assert pmap.describe() == f"pmap over {jax.local_device_count()} local devices ({first.device_kind})"
+    state = pmap.place({"params": {"w": jnp.arange(6.0).reshape(2, 3)}})
+    params = pmap.params(type("State", (), {"params": state["params"]}))
+    assert params["w"].shape == (2, 3) and params["w"].devices() == {first}
+    assert pmap.put_eval(np.zeros((2, 4), np.int32)).devices() == {first}
