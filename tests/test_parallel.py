@@ -358,3 +358,21 @@ def test_pmap_names_its_devices_and_keeps_one_copy_of_the_parameters_on_the_firs
     params = pmap.params(type("State", (), {"params": state["params"]}))
     assert params["w"].shape == (2, 3) and params["w"].devices() == {first}
     assert pmap.put_eval(np.zeros((2, 4), np.int32)).devices() == {first}
+
+
+def test_pmap_in_one_process_restores_onto_its_first_device():
+    """A single-process pmap run restores one copy of the state onto the first local device (then
+    `place` replicates it); the replicated global sharding is only for a multi-process run."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt_jax.config import load_config
+    from gpt_jax.parallel import Pmap
+
+    pmap = Pmap(load_config(None, ["model.preset=gpt2-tiny", "parallel.strategy=pmap"]))
+    abstract = {"w": jax.ShapeDtypeStruct((2, 3), jnp.float32), "step": jax.ShapeDtypeStruct((), jnp.int32)}
+    target = pmap.restore_target(abstract)
+    assert jax.tree.structure(target) == jax.tree.structure(abstract)
+    for got, want in zip(jax.tree.leaves(target), jax.tree.leaves(abstract)):
+        assert (got.shape, got.dtype) == (want.shape, want.dtype)
+        assert got.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
