@@ -376,3 +376,18 @@ def test_pmap_in_one_process_restores_onto_its_first_device():
     for got, want in zip(jax.tree.leaves(target), jax.tree.leaves(abstract)):
         assert (got.shape, got.dtype) == (want.shape, want.dtype)
         assert got.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def test_the_pmap_step_donates_the_state_and_only_the_state():
+    """As for one device: the pmapped step writes the new replicated state into the old one's buffers."""
+    import jax.numpy as jnp
+
+    from gpt_jax.config import load_config
+    from gpt_jax.parallel import Pmap
+
+    pmap = Pmap(load_config(None, ["model.preset=gpt2-tiny", "parallel.strategy=pmap"]))
+    step = pmap.compile_step(lambda state, batch: ({"w": state["w"] + batch.sum()}, batch.sum()))
+    n = pmap.n_local
+    text = step.lower({"w": jnp.zeros((n, 4, 4))}, jnp.ones((n, 2, 3))).as_text()
+    main = text[text.index("func.func public @main"):].split("\n", 1)[0]
+    assert main.count("tf.aliasing_output") == 1 and main.index("tf.aliasing_output") < main.index("%arg1")
