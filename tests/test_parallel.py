@@ -391,3 +391,87 @@ def test_the_pmap_step_donates_the_state_and_only_the_state():
     text = step.lower({"w": jnp.zeros((n, 4, 4))}, jnp.ones((n, 2, 3))).as_text()
     main = text[text.index("func.func public @main"):].split("\n", 1)[0]
     assert main.count("tf.aliasing_output") == 1 and main.index("tf.aliasing_output") < main.index("%arg1")
+
+
+MESH_PLACEMENT = textwrap.dedent("""
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from gpt_jax.config import load_config
+    from gpt_jax.optim import make_optimizer
+    from gpt_jax.parallel import Mesh
+    from gpt_jax.trainer import init_state
+
+    config = load_config(None, ["model.preset=gpt2-tiny", "model.n_head=4", "parallel.strategy=mesh", "parallel.data=2",
+                                "parallel.fsdp=2", "parallel.tensor=2", "train.batch_size=16", "optim.grad_accum=2"])
+    opt = make_optimizer(config.optim, 10)
+    abstract = jax.eval_shape(lambda: init_state(config, opt))
+    mesh = Mesh(config, abstract)
+    assert mesh.describe() == "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 devices (cpu)", mesh.describe()
+    # 16 sequences in 2 micro-batches of 8, split over data x fsdp = 4 shards
+    assert (mesh.accounting["per_device_batch"], mesh.accounting["grad_accum"]) == (2, 2), mesh.accounting
+
+    def check(got_shardings, want_shardings, shapes, what):
+        got, want, shapes = jax.tree.leaves(got_shardings), jax.tree.leaves(want_shardings), jax.tree.leaves(shapes)
+        assert len(got) == len(want) == len(shapes), (what, len(got), len(want), len(shapes))
+        for g, w, x in zip(got, want, shapes):
+            assert g.is_equivalent_to(w, len(x.shape)), (what, x.shape, g, w)
+
+    want = mesh.state_sh
+    fsdp_params = [s for s in jax.tree.leaves(want.params) if "fsdp" in jax.tree.leaves(tuple(s.spec))]
+    assert fsdp_params, "some parameters are sharded over fsdp"
+    state = mesh.init(lambda: init_state(config, opt))
+    check([x.sharding for x in jax.tree.leaves(state)], want, abstract, "init")
+    placed = mesh.place(jax.device_get(state))
+    check([x.sharding for x in jax.tree.leaves(placed)], want, abstract, "place")
+
+    rows = lambda lead: NamedSharding(mesh.mesh, P(*(None,) * lead, ("data", "fsdp")))
+    for lead, shape in ((1, (2, 16, 8)), (2, (3, 2, 16, 8))):
+        batch = np.arange(np.prod(shape), dtype=np.int32).reshape(shape)
+        put = mesh.put_batch(batch, lead=lead)
+        assert put.sharding.is_equivalent_to(rows(lead), len(shape)), (lead, put.sharding)
+        np.testing.assert_array_equal(np.asarray(put), batch)
+    assert mesh.put_batch(np.zeros((2, 16, 8), np.int32)).sharding.is_equivalent_to(rows(1), 3)  # default lead 1
+    evals = np.arange(2 * 16 * 8, dtype=np.int32).reshape(2, 16, 8)
+    assert mesh.put_eval(evals).sharding.is_equivalent_to(rows(1), 3)
+
+    def step(s, b):
+        return s.replace(step=s.step + 1), jnp.mean(b.astype(jnp.float32))
+
+    for lead, shape in ((1, (2, 16, 8)), (2, (3, 2, 16, 8))):
+        batch = jax.ShapeDtypeStruct(shape, jnp.int32)  # no sharding of their own: the step's must apply
+        lowered = mesh.compile_step(step, lead=lead).lower(abstract, batch)
+        compiled = lowered.compile()
+        check(compiled.input_shardings[0], (want, rows(lead)), (abstract, batch), f"step inputs, lead {lead}")
+        check(compiled.output_shardings, (want, NamedSharding(mesh.mesh, P())), (abstract, jnp.zeros(())),
+              f"step outputs, lead {lead}")
+        text = lowered.as_text()
+        main = text[text.index("func.func public @main"):].split("\\n", 1)[0]
+        args = main.split("%arg")[1:]
+        assert all("tf.aliasing_output" in a for a in args[:-1]) and "tf.aliasing_output" not in args[-1], main
+    print("OK")
+""")
+
+
+def test_the_mesh_strategy_places_state_batches_and_its_step_by_its_shardings(tmp_path):
+    """On 8 devices (data 2, fsdp 2, tensor 2): init and place give every leaf of the state its sharding,
+    batches are split by rows over data x fsdp at their `lead` axis, and the compiled step takes and
+    returns those shardings whatever its inputs carry, donating the state and only the state."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", MESH_PLACEMENT], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=ROOT)
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_a_one_device_mesh_names_it():
+    import jax
+
+    from gpt_jax.config import load_config
+    from gpt_jax.optim import make_optimizer
+    from gpt_jax.parallel import Mesh
+    from gpt_jax.trainer import init_state
+
+    config = load_config(None, ["model.preset=gpt2-tiny", "parallel.strategy=mesh", "train.batch_size=3"])
+    abstract = jax.eval_shape(lambda: init_state(config, make_optimizer(config.optim, 10)))
+    n = jax.device_count()
+    assert Mesh(config, abstract).describe() == (f"mesh {{'data': {n}, 'fsdp': 1, 'tensor': 1}} over {n} devices "
+                                                 f"({jax.devices()[0].device_kind})")
