@@ -93,11 +93,14 @@ def test_batch_and_mesh_errors_before_compiling(tmp_path):
                 print("OK", e)
             else:
                 raise SystemExit("no error for " + str(extra))
+        from gpt_jax.parallel import validate
+        validate(load_config(None, ["parallel.strategy=single", "train.batch_size=12"]))  # one device: any batch
+        print("OK single")
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.count("OK ") == 3
+    assert proc.stdout.count("OK ") == 4 and "OK single" in proc.stdout
 
 
 def test_checkpoints_move_between_strategies_and_device_counts(tmp_path, corpus):
@@ -475,3 +478,18 @@ def test_a_one_device_mesh_names_it():
     n = jax.device_count()
     assert Mesh(config, abstract).describe() == (f"mesh {{'data': {n}, 'fsdp': 1, 'tensor': 1}} over {n} devices "
                                                  f"({jax.devices()[0].device_kind})")
+
+
+def test_make_strategy_builds_the_strategy_the_config_names():
+    import jax
+
+    from gpt_jax.config import load_config
+    from gpt_jax.optim import make_optimizer
+    from gpt_jax.parallel import Mesh, Pmap, Single, make_strategy
+    from gpt_jax.trainer import init_state
+
+    for kind, cls in (("single", Single), ("pmap", Pmap), ("mesh", Mesh)):
+        config = load_config(None, ["model.preset=gpt2-tiny", f"parallel.strategy={kind}"])
+        abstract = jax.eval_shape(lambda: init_state(config, make_optimizer(config.optim, 10)))
+        strategy = make_strategy(config, abstract)
+        assert type(strategy) is cls and strategy.accounting["global_batch"] == config.train.batch_size, kind
