@@ -313,3 +313,27 @@ def test_lm_loss_weights_average_over_the_kept_positions():
     np.testing.assert_allclose(got, (nll * weights).sum() / weights.sum(), rtol=1e-5)
     np.testing.assert_allclose(lm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(targets)), nll.mean(), rtol=1e-5)
     assert float(lm_loss(jnp.asarray(logits, jnp.float32), jnp.asarray(targets), jnp.zeros((2, 5)))) == 0.0  # not NaN
+
+
+def test_init_cache_takes_the_compute_dtype_or_the_one_given_and_the_read_layouts():
+    cfg = dataclasses.replace(TINY, dtype="bfloat16")
+    L, N, H = cfg.n_layer, cfg.n_head, cfg.head_dim
+    for dtype, want in ((None, jnp.bfloat16), (jnp.float16, jnp.float16)):
+        cache = init_cache(cfg, 2, 20, dtype)
+        assert (cache["k"].dtype, cache["v"].dtype) == (want, want), dtype
+        assert cache["k"].shape == (L, 2, N, H, 20) and cache["v"].shape == (L, 2, N, 20, H)
+        assert not cache["k"].any() and not cache["v"].any()
+
+
+def test_parameters_take_param_dtype_and_each_bias_the_axis_of_its_kernels_output():
+    """bfloat16 parameters (for inference) are bfloat16 everywhere; a Dense bias is sharded like the
+    output axis of its kernel (the layer axis of the scanned blocks first)."""
+    from gpt_jax.model import logical_axes
+
+    cfg = dataclasses.replace(TINY, param_dtype="bfloat16")
+    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    assert {x.dtype for x in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.bfloat16)}
+    blocks = logical_axes(TINY)["h"]
+    for module in (blocks["attn"]["c_attn"], blocks["attn"]["c_proj"], blocks["mlp"]["c_fc"], blocks["mlp"]["c_proj"]):
+        kernel, bias = tuple(module["kernel"]), tuple(module["bias"])
+        assert len(kernel) == 3 and bias == (kernel[0], kernel[-1]), (kernel, bias)
