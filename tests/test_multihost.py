@@ -109,7 +109,9 @@ def test_single_strategy_in_a_multi_process_run_is_a_clear_error(tmp_path, corpu
     results = run_two_processes(base_args(corpus, tmp_path / "run", tmp_path / "cache")
                                 + ["train.steps=1", "parallel.strategy=single"])
     for rc, out in results:
-        assert rc == 2 and "use parallel.strategy=pmap or mesh" in out, out[-2000:]
+        assert rc == 2, out[-2000:]
+        assert ("parallel.strategy=single runs on one device, but this is a 2-process run; use parallel.strategy=pmap "
+                "or mesh\n") in out, out[-2000:]
 
 
 def test_where_the_distributed_settings_come_from(monkeypatch):

@@ -85,7 +85,9 @@ def test_batch_and_mesh_errors_before_compiling(tmp_path):
         from gpt_jax.trainer import train
         for extra, words in [(["parallel.strategy=pmap", "train.batch_size=12"], "does not split over 8 data shards"),
                              (["parallel.strategy=mesh", "parallel.data=4", "parallel.tensor=4"], "does not match the 8 devices"),
-                             (["parallel.strategy=mesh", "parallel.data=-1", "parallel.fsdp=3"], "does not divide the 8")]:
+                             (["parallel.strategy=mesh", "parallel.data=-1", "parallel.fsdp=3"], "does not divide the 8"),
+                             (["parallel.strategy=mesh", "parallel.data=2", "parallel.fsdp=2", "parallel.tensor=2",
+                               "train.batch_size=6"], "does not split over 4 data shards")]:
             try:
                 train(load_config(None, ["data.source=/nonexistent"] + extra), verbose=False)
             except ConfigError as e:
@@ -94,13 +96,13 @@ def test_batch_and_mesh_errors_before_compiling(tmp_path):
             else:
                 raise SystemExit("no error for " + str(extra))
         from gpt_jax.parallel import validate
-        validate(load_config(None, ["parallel.strategy=single", "train.batch_size=12"]))  # one device: any batch
+        validate(load_config(None, ["parallel.strategy=single", "train.batch_size=3"]))  # one device: any batch
         print("OK single")
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert proc.stdout.count("OK ") == 4 and "OK single" in proc.stdout
+    assert proc.stdout.count("OK ") == 5 and "OK single" in proc.stdout
 
 
 def test_checkpoints_move_between_strategies_and_device_counts(tmp_path, corpus):
