@@ -327,7 +327,7 @@ def test_init_cache_takes_the_compute_dtype_or_the_one_given_and_the_read_layout
 
 def test_parameters_take_param_dtype_and_each_bias_the_axis_of_its_kernels_output():
     """bfloat16 parameters (for inference) are bfloat16 everywhere; a Dense bias is sharded like the
-    output axis of its kernel (the layer axis of the scanned blocks first)."""
+    output axis of its kernel (the layer axis of the scanned blocks first), a LayerNorm's like the features."""
     from gpt_jax.model import logical_axes
 
     cfg = dataclasses.replace(TINY, param_dtype="bfloat16")
@@ -337,3 +337,6 @@ def test_parameters_take_param_dtype_and_each_bias_the_axis_of_its_kernels_outpu
     for module in (blocks["attn"]["c_attn"], blocks["attn"]["c_proj"], blocks["mlp"]["c_fc"], blocks["mlp"]["c_proj"]):
         kernel, bias = tuple(module["kernel"]), tuple(module["bias"])
         assert len(kernel) == 3 and bias == (kernel[0], kernel[-1]), (kernel, bias)
+    for ln in (blocks["ln_1"], blocks["ln_2"]):  # LayerNorms: like the features they normalise
+        assert tuple(ln["scale"]) == tuple(ln["bias"]) == ("layers", "embed")
+    assert tuple(logical_axes(TINY)["ln_f"]["scale"]) == tuple(logical_axes(TINY)["ln_f"]["bias"]) == ("embed",)
