@@ -340,3 +340,23 @@ def test_parameters_take_param_dtype_and_each_bias_the_axis_of_its_kernels_outpu
     for ln in (blocks["ln_1"], blocks["ln_2"]):  # LayerNorms: like the features they normalise
         assert tuple(ln["scale"]) == tuple(ln["bias"]) == ("layers", "embed")
     assert tuple(logical_axes(TINY)["ln_f"]["scale"]) == tuple(logical_axes(TINY)["ln_f"]["bias"]) == ("embed",)
+
+
+def test_a_bf16_decode_step_scores_the_cache_in_float32():
+    """With bf16 compute, the decode step's two score matmuls (the new query against the cached keys,
+    and against its own key) take bf16 operands and give float32 results, as the full pass does."""
+    import re
+
+    cfg = dataclasses.replace(TINY, dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    B, S = 2, 20
+    step = jax.jit(lambda p, t, c, i: GPT(cfg).apply({"params": p}, t, cache=c, cache_index=i))
+    text = step.lower(params, tokens((B, 1)), init_cache(cfg, B, S), 6).as_text()
+    N = cfg.n_head
+    scores = {f"{B}x{N}x1x{S}": 0, f"{B}x{N}x1": 0}
+    for line in text.splitlines():
+        m = re.search(r"stablehlo\.dot_general .*: \(tensor<([0-9x]+)x(\w+)>, tensor<([0-9x]+)x(\w+)>\) -> tensor<([0-9x]+)x(\w+)>", line)
+        if m and m.group(5) in scores:
+            assert (m.group(2), m.group(4), m.group(6)) == ("bf16", "bf16", "f32"), line.strip()
+            scores[m.group(5)] += 1
+    assert all(scores.values()), f"no score matmul found: {scores}"  # (once per layer, or once in the scanned body)
