@@ -200,6 +200,14 @@ def test_top_k_then_top_p_within_it_equals_the_full_sort_definition():
     # with top-k on, the vocabulary is never sorted: lax.top_k finds the candidates, top-p sorts nothing more
     traced = str(jax.make_jaxpr(lambda x: filter_logits(x, 1.0, 40, 0.9, top_k_bucket(40, V)))(logits.astype(np.float32)))
     assert "top_k[" in traced and "sort[" not in traced, traced
+    # at the boundary: probabilities 1/2, 1/4, 1/4 (exact in float32) and top_p = 1/2. The second token's
+    # better mass is exactly top_p, so it is dropped (a token is kept while that mass < top_p, as in the
+    # definition above), and with it the third, tied with it: only the best survives.
+    edge = np.full((1, V), -1e9, np.float32)
+    edge[0, [5, 17, 300]] = [np.log(2.0), 0.0, 0.0]
+    for top_k in (0, 64):
+        out = np.asarray(filter_logits(edge, np.float32(1.0), np.int32(top_k), np.float32(0.5), top_k_bucket(top_k, V)))
+        assert np.flatnonzero(np.isfinite(out[0])).tolist() == [5], (top_k, np.flatnonzero(np.isfinite(out[0])))
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 6, None), (1.3, None, 0.8),

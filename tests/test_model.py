@@ -198,7 +198,7 @@ def test_padded_vocabulary_changes_nothing_but_shapes(setup):
     l0, g0 = jax.value_and_grad(lambda p: loss(cfg, p))(params)
     l1, g1 = jax.value_and_grad(lambda p: loss(padded_cfg, p))(padded)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
-    np.testing.assert_allclose(g1["wte"]["embedding"][:97], g0["wte"]["embedding"], atol=1e-6)
+    np.testing.assert_allclose(g1["wte"]["embedding"][:97], g0["wte"]["embedding"], atol=1e-6, rtol=1e-5)
     assert jnp.all(g1["wte"]["embedding"][97:] == 0)
     logits = logits_of(padded_cfg, padded, x)
     np.testing.assert_allclose(logits[..., :97], logits_of(cfg, params, x), atol=1e-5, rtol=1e-5)
