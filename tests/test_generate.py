@@ -16,8 +16,12 @@ TINY = GPTConfig.preset("gpt2-tiny", n_layer=2, n_positions=64, vocab_size=50)
 @pytest.fixture(scope="module")
 def tiny():
     params = init_params(TINY, jax.random.key(0))
-    # Larger weights than the init so the next-token distribution is far from uniform.
-    params = jax.tree.map(lambda x: x * 8 if x.ndim > 1 else x, params)
+    # Larger weights than the init so the next-token distribution is far from uniform, and every leaf
+    # moved off its init (biases are zero there: a sign error on a bias would change nothing).
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(treedef, [(x * 8 if x.ndim > 1 else x) + 0.1 * jax.random.normal(k, x.shape)
+                                              for x, k in zip(leaves, keys)])
     return TINY, params
 
 
@@ -208,6 +212,26 @@ def test_top_k_then_top_p_within_it_equals_the_full_sort_definition():
     for top_k in (0, 64):
         out = np.asarray(filter_logits(edge, np.float32(1.0), np.int32(top_k), np.float32(0.5), top_k_bucket(top_k, V)))
         assert np.flatnonzero(np.isfinite(out[0])).tolist() == [5], (top_k, np.flatnonzero(np.isfinite(out[0])))
+
+
+@pytest.mark.parametrize("rows", [1, 32, 33])
+def test_decode_matmul_is_x_times_w_transposed_in_float32_with_the_cpu_layout_only_for_a_few_rows(rows):
+    """`_matmul_out_in(x, w)` is x @ w.T for a weight stored [out, in], accumulated and returned in float32
+    from bfloat16 operands too; on CPU up to 32 rows it computes (w @ x.T).T behind an optimization
+    barrier, and for more rows or when lowered for an accelerator the plain product (its docstring)."""
+    from gpt_jax.generate import _matmul_out_in
+
+    rng = np.random.default_rng(rows)
+    x, w = rng.standard_normal((rows, 48)), rng.standard_normal((40, 48))
+    for dtype, tol in [(np.float32, 1e-5), (jax.numpy.bfloat16, 1e-2)]:
+        xd, wd = jax.numpy.asarray(x, dtype), jax.numpy.asarray(w, dtype)
+        expected = np.asarray(xd, np.float64) @ np.asarray(wd, np.float64).T  # the operands' exact values
+        for platform in ("cpu", "cuda", "tpu"):
+            out = jax.jit(_matmul_out_in, static_argnums=2)(xd, wd, platform)
+            assert out.dtype == np.float32 and out.shape == (rows, 40)
+            np.testing.assert_allclose(np.asarray(out), expected, rtol=tol, atol=tol)
+            text = jax.jit(_matmul_out_in, static_argnums=2).lower(xd, wd, platform).as_text()
+            assert ("optimization_barrier" in text) == (platform == "cpu" and rows <= 32), (platform, rows)
 
 
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, None, None), (0.7, 6, None), (1.3, None, 0.8),
