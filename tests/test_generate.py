@@ -13,16 +13,18 @@ from gpt_jax.generate import GenerateError, _generate, _split_cache, clear_decod
 TINY = GPTConfig.preset("gpt2-tiny", n_layer=2, n_positions=64, vocab_size=50)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    params = init_params(TINY, jax.random.key(0))
-    # Larger weights than the init so the next-token distribution is far from uniform, and every leaf
-    # moved off its init (biases are zero there: a sign error on a bias would change nothing).
+def off_init(params, scale):
+    """Weights `scale` times the init's, so the next-token distribution is far from uniform, and every
+    leaf moved off its init (biases are zero there: a sign error on a bias would change nothing)."""
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(treedef, [(x * 8 if x.ndim > 1 else x) + 0.1 * jax.random.normal(k, x.shape)
-                                              for x, k in zip(leaves, keys)])
-    return TINY, params
+    return jax.tree.unflatten(treedef, [(x * scale if x.ndim > 1 else x) + 0.1 * jax.random.normal(k, x.shape)
+                                        for x, k in zip(leaves, keys)])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return TINY, off_init(init_params(TINY, jax.random.key(0)), 8)
 
 
 def test_tiny_gpt2_greedy_references():
@@ -118,6 +120,8 @@ def test_decode_copy_of_the_weights_follows_the_params(tiny):
     prompts = [[1, 2, 3], [9, 8]]
     a, _ = generate(config, params, prompts, 12, greedy=True)
     assert decode_layers(params) is decode_layers(params)
+    host = jax.tree.map(np.asarray, params)  # numpy leaves (no is_deleted) are kept and reused too
+    assert decode_layers(host) is decode_layers(host)
     # Other weights of the same shapes (as after a training step) must not be served from the copy.
     other = jax.tree.map(lambda x: -1.5 * x, params)
     b, _ = generate(config, other, prompts, 12, greedy=True)
@@ -264,6 +268,7 @@ def test_first_token_distribution_matches_filtered_softmax(tiny, temperature, to
     (dict(prompts=[[1]], max_new_tokens=5, temperature=-1.0), ["temperature", ">= 0"]),
     (dict(prompts=[[1]], max_new_tokens=0), ["max_new_tokens"]),
     (dict(prompts=[], max_new_tokens=3), ["no prompts"]),
+    (dict(prompts=[[1]], max_new_tokens=3, top_k=-1), ["top_k must be >= 0", "got -1"]),
 ])
 def test_bad_input_is_refused_before_compiling(tiny, kwargs, words):
     config, params = tiny
@@ -273,6 +278,17 @@ def test_bad_input_is_refused_before_compiling(tiny, kwargs, words):
     for w in words:
         assert w in str(err.value), str(err.value)
     assert _generate._cache_size() == before
+
+
+def test_the_ends_of_each_accepted_range_and_the_default_temperature(tiny):
+    """Token ids 0 and vocab - 1, temperature 0 (greedy), top_k 0 (off) and top_p 1 (off) are all accepted;
+    the default temperature is 1."""
+    config, params = tiny
+    prompts = [[0, 7, config.vocab_size - 1]]
+    greedy, _ = generate(config, params, prompts, 6, greedy=True)
+    assert generate(config, params, prompts, 6, temperature=0.0, top_k=0, top_p=1.0, rng=5)[0] == greedy
+    assert generate(config, params, prompts, 6, rng=5)[0] == generate(config, params, prompts, 6, temperature=1.0, rng=5)[0]
+    assert generate(config, params, prompts, 6, rng=5)[0] != generate(config, params, prompts, 6, temperature=2.0, rng=5)[0]
 
 
 def cropped_greedy_reference(config, params, prompts, n):
@@ -296,7 +312,7 @@ def cropped_greedy_reference(config, params, prompts, n):
 @pytest.mark.parametrize("preset", ["gpt2-tiny", "gpt1-tiny"])
 def test_past_the_context_window_conditions_on_the_last_n_positions(preset):
     config = GPTConfig.preset(preset, n_layer=2, n_positions=16, vocab_size=50)
-    params = jax.tree.map(lambda x: x * 10, init_params(config, jax.random.key(1)))  # far from uniform
+    params = off_init(init_params(config, jax.random.key(1)), 10)
     # ragged prompts, left-padded together: shorter than the window, exactly the window, longer than it
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7], list(range(20, 36)), list(range(1, 21))]
     n = 40  # every row passes the 16-position window at least twice
