@@ -99,6 +99,20 @@ def test_stop_tokens_end_sequences_and_the_loop(tiny):
         assert out[1] == free[1]
 
 
+def test_sampled_runs_stop_at_the_listed_tokens_only(tiny):
+    """Three stop tokens (padded to four inside): each sampled row is its free run cut after its first
+    stop token, so no other id (0 or 1, say) ends a row. Same rng, so the free run samples the same tokens."""
+    config, params = tiny
+    prompts = [[i % 50, 7] for i in range(16)]
+    kw = dict(temperature=20.0, rng=3)  # nearly uniform: every id turns up
+    free, _ = generate(config, params, prompts, 24, **kw)
+    stops = [2, 3, 4]
+    cut = [row[: min([row.index(t) for t in stops if t in row], default=len(row) - 1) + 1] for row in free]
+    assert any(0 in row[:-1] for row in cut) and any(1 in row[:-1] for row in cut), "the test needs 0 and 1 mid-row"
+    out, lengths = generate(config, params, prompts, 24, stop_tokens=stops, **kw)
+    assert out == cut and lengths == [len(row) for row in cut]
+
+
 def test_loop_stops_once_every_sequence_has_stopped(tiny):
     """The decode loop runs until the last sequence meets a stop token, not max_new_tokens steps: the
     streaming callback sees exactly that many steps (from where the stop tokens stand in a free run)."""
@@ -282,13 +296,18 @@ def test_bad_input_is_refused_before_compiling(tiny, kwargs, words):
 
 def test_the_ends_of_each_accepted_range_and_the_default_temperature(tiny):
     """Token ids 0 and vocab - 1, temperature 0 (greedy), top_k 0 (off) and top_p 1 (off) are all accepted;
-    the default temperature is 1."""
+    the default temperature is 1, the default rng seed 0."""
     config, params = tiny
     prompts = [[0, 7, config.vocab_size - 1]]
     greedy, _ = generate(config, params, prompts, 6, greedy=True)
     assert generate(config, params, prompts, 6, temperature=0.0, top_k=0, top_p=1.0, rng=5)[0] == greedy
     assert generate(config, params, prompts, 6, rng=5)[0] == generate(config, params, prompts, 6, temperature=1.0, rng=5)[0]
     assert generate(config, params, prompts, 6, rng=5)[0] != generate(config, params, prompts, 6, temperature=2.0, rng=5)[0]
+    # rng: an int seeds jax.random.key; None means seed 0
+    default = generate(config, params, prompts, 6)[0]
+    assert default == generate(config, params, prompts, 6, rng=jax.random.key(0))[0] == generate(config, params, prompts, 6, rng=0)[0]
+    assert generate(config, params, prompts, 6, rng=jax.random.key(5))[0] == generate(config, params, prompts, 6, rng=5)[0]
+    assert generate(config, params, prompts, 6, rng=1)[0] != default
 
 
 def cropped_greedy_reference(config, params, prompts, n):
