@@ -163,3 +163,24 @@ def test_finetuning_starts_from_the_init_from_weights(epoch_runs, tmp_path):
     pre = {**pre, "wte": {"embedding": pre["wte"]["embedding"][:V]}}
     moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(ft), jax.tree.leaves(pre)))
     assert moved < 1e-4, moved  # a fresh N(0, 0.02) initialisation would be ~0.1 away somewhere
+
+
+@pytest.mark.parametrize("kind", ["embd", "attn", "resid", None])
+def test_the_training_loss_applies_dropout_when_any_one_rate_is_set(kind):
+    """Each of the three dropout rates alone turns dropout on in the training loss (two keys, two losses);
+    with all three at 0 the loss is the plain forward pass's, whatever the key."""
+    from gpt_jax.model import init_params
+    from gpt_jax.trainer import make_loss_fn
+
+    rates = [f"model.{k}_pdrop={0.5 if k == kind else 0}" for k in ("embd", "attn", "resid")]
+    config = load_config(None, [*MODEL, *rates])
+    params = init_params(config.model, jax.random.key(0))
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.model.vocab_size, (2, 9)), jnp.int32)
+    loss = jax.jit(make_loss_fn(config))
+    a, b = loss(params, tokens, jax.random.key(1)), loss(params, tokens, jax.random.key(2))
+    if kind is None:
+        plain = lm_loss(GPT(config.model).apply({"params": params}, tokens[:, :-1]), tokens[:, 1:])
+        np.testing.assert_allclose([a, b], [plain, plain], rtol=1e-6)
+    else:
+        assert abs(float(a) - float(b)) > 1e-4, (kind, a, b)
+
