@@ -168,9 +168,9 @@ def test_finetuning_starts_from_the_init_from_weights(epoch_runs, tmp_path):
 @pytest.mark.parametrize("kind", ["embd", "attn", "resid", None])
 def test_the_training_loss_applies_dropout_when_any_one_rate_is_set(kind):
     """Each of the three dropout rates alone turns dropout on in the training loss (two keys, two losses);
-    with all three at 0 the loss is the plain forward pass's, whatever the key."""
+    with all three at 0 the loss is the plain forward pass's, whatever the key, and so is the evaluation loss."""
     from gpt_jax.model import init_params
-    from gpt_jax.trainer import make_loss_fn
+    from gpt_jax.trainer import make_eval_step, make_loss_fn
 
     rates = [f"model.{k}_pdrop={0.5 if k == kind else 0}" for k in ("embd", "attn", "resid")]
     config = load_config(None, [*MODEL, *rates])
@@ -181,6 +181,7 @@ def test_the_training_loss_applies_dropout_when_any_one_rate_is_set(kind):
     if kind is None:
         plain = lm_loss(GPT(config.model).apply({"params": params}, tokens[:, :-1]), tokens[:, 1:])
         np.testing.assert_allclose([a, b], [plain, plain], rtol=1e-6)
+        np.testing.assert_allclose(make_eval_step(config)(params, tokens), plain, rtol=1e-6)  # what evaluation reports
     else:
         assert abs(float(a) - float(b)) > 1e-4, (kind, a, b)
 
