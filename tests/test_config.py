@@ -161,3 +161,21 @@ def test_saved_run_config_without_vocab_padding_loads_unpadded(tmp_path):
     values["model"]["pad_vocab_multiple"] = 64
     path.write_text(yaml.safe_dump(values))
     assert load_config(path, saved_run=True).model.pad_vocab_multiple == 64
+
+
+def test_the_tokenizer_sets_or_bounds_the_model_vocabulary():
+    """A vocabulary built from the corpus (char, sentencepiece) sets model.vocab_size; a fixed one (GPT-2,
+    GPT-1 BPE) must fit in it, equal or padded larger, or the run stops with a line naming the fix."""
+    from types import SimpleNamespace
+
+    from gpt_jax.trainer import _resolve_vocab
+
+    def vocab(kind, size, model_size):
+        config = load_config(None, ["model.preset=gpt2-tiny", f"model.vocab_size={model_size}"])
+        return _resolve_vocab(config, SimpleNamespace(kind=kind, vocab_size=size)).model.vocab_size
+
+    assert vocab("char", 40, 50257) == 40 and vocab("sentencepiece", 300, 256) == 300 and vocab("char", 40, 40) == 40
+    assert vocab("gpt2", 50257, 50304) == 50304 and vocab("gpt2", 50257, 50257) == 50257
+    with pytest.raises(ConfigError, match=r"model.vocab_size=1000 is smaller than the gpt2 tokenizer's 50257 ids; "
+                                          r"set model.vocab_size >= 50257"):
+        vocab("gpt2", 50257, 1000)

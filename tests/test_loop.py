@@ -148,6 +148,22 @@ def test_multi_host_stop_check_runs_every_log_interval(corpus, tmp_path, monkeyp
     assert len(calls) == 4
 
 
+@pytest.mark.parametrize("process", [0, 1])
+def test_process_0_prepares_the_data_before_the_others_look_for_it(monkeypatch, process):
+    """In a multi-host run process 0 prepares the token files (showing its progress) and then meets the
+    others at a barrier; every other process prepares (finds them in the shared cache) only after it, quietly."""
+    from gpt_jax import trainer
+
+    events = []
+    monkeypatch.setattr(trainer.jax, "process_index", lambda: process)
+    monkeypatch.setattr(trainer, "barrier", lambda name: events.append("barrier"))
+    monkeypatch.setattr(trainer, "prepare", lambda data, **kw: events.append(("prepare", kw)) or "tokens")
+    config = load_config(None, LM)
+    assert trainer.prepare_data(config, verbose=True) == "tokens"
+    assert events == ([("prepare", {"verbose": True}), "barrier"] if process == 0
+                      else ["barrier", ("prepare", {"verbose": False})])
+
+
 def test_keep_every_keeps_those_steps_besides_the_newest_also_after_resuming(corpus, tmp_path):
     from gpt_jax.config import ConfigError
 
