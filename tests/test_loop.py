@@ -157,8 +157,9 @@ def test_process_0_prepares_the_data_before_the_others_look_for_it(monkeypatch, 
     events = []
     monkeypatch.setattr(trainer.jax, "process_index", lambda: process)
     monkeypatch.setattr(trainer, "barrier", lambda name: events.append("barrier"))
-    monkeypatch.setattr(trainer, "prepare", lambda data, **kw: events.append(("prepare", kw)) or "tokens")
     config = load_config(None, LM)
+    monkeypatch.setattr(trainer, "prepare", lambda data, **kw: events.append(("prepare", kw)) or
+                        (data is config.data and "tokens"))
     assert trainer.prepare_data(config, verbose=True) == "tokens"
     assert events == ([("prepare", {"verbose": True}), "barrier"] if process == 0
                       else ["barrier", ("prepare", {"verbose": False})])
