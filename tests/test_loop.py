@@ -165,6 +165,23 @@ def test_process_0_prepares_the_data_before_the_others_look_for_it(monkeypatch, 
                       else ["barrier", ("prepare", {"verbose": False})])
 
 
+@pytest.mark.parametrize("index, count, strategy, samples", [
+    (0, 1, "single", True), (0, 1, "mesh", True), (0, 2, "pmap", True), (1, 2, "pmap", False), (0, 2, "mesh", False)])
+def test_only_process_0_samples_and_not_from_a_mesh_sharded_across_processes(corpus, tmp_path, monkeypatch,
+                                                                            index, count, strategy, samples):
+    """Samples during pretraining come from process 0 alone, and not at all when the mesh strategy spreads
+    the model over several processes (sampling would need every one of them). A new task starts with no loss."""
+    import math
+
+    from gpt_jax import trainer
+
+    monkeypatch.setattr(trainer.jax, "process_index", lambda: index)
+    monkeypatch.setattr(trainer.jax, "process_count", lambda: count)
+    monkeypatch.setattr(trainer, "barrier", lambda name: None)
+    task = trainer.PretrainTask(lm_config(corpus, tmp_path / "run", f"parallel.strategy={strategy}"), verbose=False)
+    assert task.can_sample is samples and math.isnan(task.last_loss)
+
+
 def test_keep_every_keeps_those_steps_besides_the_newest_also_after_resuming(corpus, tmp_path):
     from gpt_jax.config import ConfigError
 
