@@ -170,16 +170,24 @@ def test_process_0_prepares_the_data_before_the_others_look_for_it(monkeypatch, 
 def test_only_process_0_samples_and_not_from_a_mesh_sharded_across_processes(corpus, tmp_path, monkeypatch,
                                                                             index, count, strategy, samples):
     """Samples during pretraining come from process 0 alone, and not at all when the mesh strategy spreads
-    the model over several processes (sampling would need every one of them). A new task starts with no loss."""
+    the model over several processes (sampling would need every one of them). A new task starts with no loss,
+    and hands the loop its tokens per step, its parameters' logical axes and its state's shapes."""
     import math
 
     from gpt_jax import trainer
+    from gpt_jax.model import init_params, logical_axes
 
     monkeypatch.setattr(trainer.jax, "process_index", lambda: index)
     monkeypatch.setattr(trainer.jax, "process_count", lambda: count)
     monkeypatch.setattr(trainer, "barrier", lambda name: None)
     task = trainer.PretrainTask(lm_config(corpus, tmp_path / "run", f"parallel.strategy={strategy}"), verbose=False)
     assert task.can_sample is samples and math.isnan(task.last_loss)
+    # what the loop takes from a task: tokens per step (batch 8 x 16 positions), the parameters' logical
+    # axes for the mesh, and the state's shapes (those of the model's own parameters)
+    assert (task.seq_len, task.tokens_per_step) == (16, 8 * 16)
+    assert task.param_specs == logical_axes(task.config.model)
+    shapes = jax.tree.map(lambda x: x.shape, task.abstract_state().params)
+    assert shapes == jax.tree.map(lambda x: x.shape, init_params(task.config.model, jax.random.key(0)))
 
 
 def test_keep_every_keeps_those_steps_besides_the_newest_also_after_resuming(corpus, tmp_path):
