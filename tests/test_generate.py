@@ -301,12 +301,13 @@ def test_the_ends_of_each_accepted_range_and_the_default_temperature(tiny):
     prompts = [[0, 7, config.vocab_size - 1]]
     greedy, _ = generate(config, params, prompts, 6, greedy=True)
     assert generate(config, params, prompts, 6, temperature=0.0, top_k=0, top_p=1.0, rng=5)[0] == greedy
-    assert generate(config, params, prompts, 6, rng=5)[0] == generate(config, params, prompts, 6, temperature=1.0, rng=5)[0]
-    assert generate(config, params, prompts, 6, rng=5)[0] != generate(config, params, prompts, 6, temperature=2.0, rng=5)[0]
+    seeded = generate(config, params, prompts, 6, rng=5)[0]
+    assert seeded == generate(config, params, prompts, 6, temperature=1.0, rng=5)[0]
+    assert seeded != generate(config, params, prompts, 6, temperature=2.0, rng=5)[0]
     # rng: an int seeds jax.random.key; None means seed 0
     default = generate(config, params, prompts, 6)[0]
     assert default == generate(config, params, prompts, 6, rng=jax.random.key(0))[0] == generate(config, params, prompts, 6, rng=0)[0]
-    assert generate(config, params, prompts, 6, rng=jax.random.key(5))[0] == generate(config, params, prompts, 6, rng=5)[0]
+    assert generate(config, params, prompts, 6, rng=jax.random.key(5))[0] == seeded
     assert generate(config, params, prompts, 6, rng=1)[0] != default
 
 
