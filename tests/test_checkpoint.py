@@ -165,6 +165,51 @@ def test_checkpointer_keeps_the_newest_and_every_kth_and_a_reader_changes_nothin
     assert not leftover.exists()
 
 
+def test_restore_params_reads_the_best_the_last_or_a_kept_step_and_changes_nothing(tmp_path):
+    """What sampling, evaluation and fine-tuning's init_from read (trainer.restore_params): the best
+    checkpoint by default, the newest when none is marked best or with "last", a kept step with `step=`,
+    each as its parameters alone on one device. A step not kept, or a folder with no checkpoint, is one
+    line naming it; a reader leaves the run directory as it was (a killed save's folder stays for its owner)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gpt_jax.checkpoint import Checkpointer
+    from gpt_jax.config import ConfigError
+    from gpt_jax.trainer import restore_params
+
+    def save(run, best_step):
+        ckpt = Checkpointer(run, keep=3)
+        for step in (1, 2, 3):
+            params = {"wte": jnp.full((3, 2), float(step)), "h": {"b": jnp.full((2,), -float(step))}}
+            ckpt.save(step, {"params": params, "step": jnp.int32(step)}, {"config": {}}, best=step == best_step)
+        ckpt.wait()
+        ckpt.close()
+
+    def listing(root):
+        return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+    def which(params):
+        assert jax.tree.map(jnp.shape, params) == {"wte": (3, 2), "h": {"b": (2,)}}
+        assert all(x.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+                   for x in jax.tree.leaves(params))
+        assert float(params["h"]["b"][0]) == -float(params["wte"][0, 0])
+        return float(params["wte"][0, 0])
+
+    save(tmp_path / "run", best_step=2)
+    save(tmp_path / "no-best", best_step=None)
+    (tmp_path / "run" / "checkpoints" / "4.orbax-checkpoint-tmp-1733000000").mkdir()  # a save killed mid-write
+    before = listing(tmp_path)
+    assert which(restore_params(tmp_path / "run")) == 2.0 and which(restore_params(tmp_path / "run", "best")) == 2.0
+    assert which(restore_params(tmp_path / "run", "last")) == 3.0 and which(restore_params(tmp_path / "no-best")) == 3.0
+    assert [which(restore_params(tmp_path / "run", step=s)) for s in (1, 3)] == [1.0, 3.0]
+    with pytest.raises(ConfigError, match=r"run has no checkpoint at step 5; its checkpoints are at steps \[1, 2, 3\] "
+                                          r"\(train.keep_every keeps more\)$"):
+        restore_params(tmp_path / "run", step=5)
+    with pytest.raises(ConfigError, match="empty has no checkpoint that restores$"):
+        restore_params(tmp_path / "empty")
+    assert listing(tmp_path) == before  # nothing created, nothing cleared
+
+
 def test_best_holds_only_the_step_saved_as_best_and_a_retraced_step_replaces_the_saved_one(tmp_path):
     """best/ gets a step only when saved with best=True and keeps one; a resumed run that saves a step
     again (its step 2 after a checkpoint at 3 existed) replaces the old one rather than skipping it."""

@@ -4,6 +4,7 @@ log interval, evaluation reads the device once; fine-tuning through the same loo
 order too) after SIGKILL or SIGTERM, runs on every strategy, and its runs stay readable."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -114,6 +115,10 @@ def test_prefetch_and_steps_per_call_give_the_same_run_one_read_per_evaluation_a
     val = eval_batches(prepare(config.data, verbose=False).tokens("val"), 16, 8, 3)
     direct = np.mean([float(step(ref["params"], b)) for b in val])
     np.testing.assert_allclose(records(tmp_path / "ref", "eval")[-1]["val_loss"], direct, rtol=1e-5)
+    # the summary train() returns: the last evaluation's loss and the lowest (the two differ: the loss falls)
+    evals = [r["val_loss"] for r in records(tmp_path / "ref", "eval")]
+    assert "evals" not in ref and ref["val_loss"] == evals[-1] and ref["best_val"] == min(evals) != max(evals)
+    assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in records(tmp_path / "ref", "eval"))
 
 
 def test_prefetcher_keeps_order_passes_errors_and_stops_its_thread():
@@ -172,7 +177,6 @@ def test_only_process_0_samples_and_not_from_a_mesh_sharded_across_processes(cor
     """Samples during pretraining come from process 0 alone, and not at all when the mesh strategy spreads
     the model over several processes (sampling would need every one of them). A new task starts with no loss,
     and hands the loop its tokens per step, its parameters' logical axes and its state's shapes."""
-    import math
 
     from gpt_jax import trainer
     from gpt_jax.model import init_params, logical_axes
@@ -188,6 +192,33 @@ def test_only_process_0_samples_and_not_from_a_mesh_sharded_across_processes(cor
     assert task.param_specs == logical_axes(task.config.model)
     shapes = jax.tree.map(lambda x: x.shape, task.abstract_state().params)
     assert shapes == jax.tree.map(lambda x: x.shape, init_params(task.config.model, jax.random.key(0)))
+
+
+def test_each_evaluation_reports_its_losses_and_a_sample_of_the_configured_length(corpus, tmp_path):
+    """After an evaluation the task reports the step's train and validation losses and, with
+    train.sample_tokens > 0, a sample: train.sample_prompt continued by that many tokens at
+    train.sample_temperature, seeded by the step, as `sample_text` (what train.py prints at the end) gives it."""
+    import dataclasses
+
+    from gpt_jax.trainer import PretrainTask, init_state, sample_text
+
+    task = PretrainTask(lm_config(corpus, tmp_path / "run", "train.sample_tokens=5", "train.sample_prompt=ab",
+                                  "train.sample_temperature=1.5"), verbose=False)
+    # initial weights times 6: peaked next-token distributions, so the temperature changes the sample
+    params = jax.tree.map(lambda x: x * 6, init_state(task.config, task.optimizer).params)
+    task.observe({"loss": 2.5})
+    record = {"val_loss": 2.25, "val_ppl": 9.4877}
+
+    def sample(n, seed=7, temperature=1.5):
+        return sample_text(task.config, params, task.tokenizer, "ab", n, seed=seed, temperature=temperature)
+
+    lines = task.after_eval(params, 7, record, improved=True)
+    assert lines == ["step 7: train loss 2.5000, val loss 2.2500 (ppl 9.49)", sample(5)]
+    assert len(lines[1]) == 2 + 5 and lines[1].startswith("ab")  # one character per token
+    assert sample(5) not in (sample(5, seed=8), sample(5, temperature=0.8))  # seed and temperature both show
+    for n in (1, 0):
+        task.config = dataclasses.replace(task.config, train=dataclasses.replace(task.config.train, sample_tokens=n))
+        assert task.after_eval(params, 7, record, improved=False)[1:] == ([sample(1)] if n else [])
 
 
 def test_keep_every_keeps_those_steps_besides_the_newest_also_after_resuming(corpus, tmp_path):

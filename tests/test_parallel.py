@@ -134,6 +134,15 @@ def test_checkpoints_move_between_strategies_and_device_counts(tmp_path, corpus)
                                          "parallel.fsdp=4")
     assert "resuming from step 4" in run("moved", 1, "train.steps=6", "parallel.strategy=single")
     np.testing.assert_allclose(losses("moved"), losses("ref"), rtol=1e-5)
+    # the step the 4-device mesh saved reads in this one-device process, on its device, as the reference's step 4
+    import jax
+
+    from gpt_jax.trainer import restore_params
+
+    moved, ref = (jax.tree.leaves(restore_params(tmp_path / out, step=4)) for out in ("moved", "ref"))
+    for a, b in zip(moved, ref, strict=True):
+        assert a.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
 def test_generate_with_sharded_parameters_gives_single_device_tokens(tmp_path):
@@ -173,23 +182,33 @@ def test_dry_run_reports_per_device_memory_shrinking_with_fsdp(tmp_path):
                 "parallel.strategy=mesh"]
         dp = dry_run(load_config(None, base + ["parallel.data=8"]))
         fsdp = dry_run(load_config(None, base + ["parallel.data=1", "parallel.fsdp=8"]))
-        pmap = dry_run(load_config(None, base[:-1] + ["parallel.strategy=pmap"]))
+        # pmap replicates like a data-only mesh over the local devices, whatever mesh axis sizes the config keeps
+        pmap = dry_run(load_config(None, base[:-1] + ["parallel.strategy=pmap", "parallel.data=2", "parallel.fsdp=2",
+                                                      "parallel.tensor=2"]))
         print("RESULT " + json.dumps([dp, fsdp, pmap]))
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "per device: parameters" in proc.stdout
     dp, fsdp, pmap = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    gib = 1024**3
+    for r, line in zip((dp, fsdp, pmap), proc.stdout.split("RESULT ", 1)[0].split("dry run: ")[1:], strict=True):
+        assert 0 < r["compile_s"] < 600 and r["temp_bytes"] > 0
+        assert line.startswith(f"{r['strategy']}; global batch 16 x 64, 1 micro-batch(es); compiled in "
+                               f"{r['compile_s']:.1f} s\n"), line
+        assert (f"per device: parameters {r['params_bytes'] / gib:.3f} GiB, optimizer state "
+                f"{r['opt_state_bytes'] / gib:.3f} GiB, activations and temporaries {r['temp_bytes'] / gib:.3f} GiB "
+                f"(arguments per the executable: {r['argument_bytes'] / gib:.3f} GiB)") in line, line
+    assert {k: v for k, v in pmap.items() if k != "compile_s"} == {k: v for k, v in dp.items() if k != "compile_s"}
     from gpt_jax import GPTConfig, param_count
 
     tiny = GPTConfig.preset("gpt2-tiny", n_embd=128, n_head=4)
     n = param_count(tiny)
     assert dp["params_bytes"] == 4 * n and dp["opt_state_bytes"] >= 8 * n  # replicated: all of it per device
-    assert pmap["params_bytes"] == dp["params_bytes"] and pmap["opt_state_bytes"] == dp["opt_state_bytes"]
-    # the executable's arguments: the state and an eighth of the batch (16 x (T + 1) int32) on each device
+    # the executable's arguments: the state (its step, an int32, and its uint32[2] RNG key besides parameters
+    # and moments) and an eighth of the batch (16 x (T + 1) int32) on each device
     rest, batch = dp["argument_bytes"] - dp["params_bytes"] - dp["opt_state_bytes"], 16 * (tiny.n_positions + 1) * 4
-    assert batch / 8 <= rest < batch / 4, (rest, batch)
+    assert rest == 4 + 8 + batch // 8, (rest, batch)
     assert fsdp["params_bytes"] < dp["params_bytes"] / 6 and fsdp["opt_state_bytes"] < dp["opt_state_bytes"] / 6
 
 
