@@ -437,6 +437,9 @@ def test_a_quiet_run_prints_nothing(corpus, tmp_path, capsys):
     train(lm_config(corpus, tmp_path / "run", "train.steps=2", "train.eval_every=2"), verbose=False)
     assert capsys.readouterr().out == ""
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"kind": "train"') == 2
+    train(ft_config(corpus, tmp_path / "ft", "finetune.epochs=1"), verbose=False)  # fine-tuning too
+    assert capsys.readouterr().out == ""
+    assert (tmp_path / "ft" / "metrics.jsonl").read_text().count('"kind": "train"') == 6
 
 
 def test_finetuning_mfu_counts_the_task_sequence_length_not_the_context(corpus, tmp_path, monkeypatch):

@@ -64,6 +64,7 @@ def reference_run(tmp_path_factory, corpus):
 def test_end_to_end_run_writes_everything(reference_run):
     run_dir, out, _ = reference_run
     assert "config: " in out and "done: step 30" in out and "val loss" in out
+    assert "tokenizing shakespeare" in out  # the first run prepares the token files, with its progress
     ref = losses(run_dir)
     assert sorted(ref) == list(range(1, 31))
     assert ref[30] < ref[1] - 0.5, "the loss should fall"
