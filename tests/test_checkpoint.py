@@ -209,6 +209,23 @@ def test_restore_params_reads_the_best_the_last_or_a_kept_step_and_changes_nothi
         restore_params(tmp_path / "empty")
     assert listing(tmp_path) == before  # nothing created, nothing cleared
 
+    # load_run: the same choice, with the run's config (one saved before padding existed reads unpadded)
+    # and tokenizer
+    from gpt_jax.config import load_config, save_config
+    from gpt_jax.trainer import load_run
+
+    config = load_config(None, ["model.preset=gpt2-tiny", "model.vocab_size=3"])
+    save_config(config, tmp_path / "run" / "config.yaml")
+    old = (tmp_path / "run" / "config.yaml").read_text().replace("  pad_vocab_multiple: 128\n", "")
+    assert config.model.pad_vocab_multiple == 128 and "pad_vocab_multiple" not in old
+    (tmp_path / "run" / "config.yaml").write_text(old)
+    (tmp_path / "run" / "tokenizer.json").write_text(json.dumps({"kind": "char", "chars": "abc"}))
+    loaded, params, tok = load_run(tmp_path / "run")
+    assert loaded.model.pad_vocab_multiple == 1 and loaded.model.vocab_size == 3 and tok.decode([2, 0]) == "ca"
+    assert [which(load_run(tmp_path / "run", *a, **kw)[1]) for a, kw in
+            [((), {}), (("last",), {}), ((), {"step": 1})]] == [2.0, 3.0, 1.0]
+    assert which(params) == 2.0
+
 
 def test_best_holds_only_the_step_saved_as_best_and_a_retraced_step_replaces_the_saved_one(tmp_path):
     """best/ gets a step only when saved with best=True and keeps one; a resumed run that saves a step

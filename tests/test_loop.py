@@ -221,6 +221,32 @@ def test_each_evaluation_reports_its_losses_and_a_sample_of_the_configured_lengt
         assert task.after_eval(params, 7, record, improved=False)[1:] == ([sample(1)] if n else [])
 
 
+def test_sample_text_defaults_empty_prompt_and_a_sample_longer_than_the_context(monkeypatch):
+    """sample_text (train.py's samples) asks generate for temperature 0.8, top-k 200 (at most the
+    vocabulary) and seed 0 unless told otherwise; an empty prompt starts from <|endoftext|> (token 0 for a
+    tokenizer without one); a sample stops at the context (model.n_positions)."""
+    import importlib
+    import types
+
+    from gpt_jax.trainer import sample_text
+
+    calls = []
+    monkeypatch.setattr(importlib.import_module("gpt_jax.generate"), "generate", lambda model, params, prompts, n, **kw: calls.append(
+        (model.vocab_size, prompts, n, kw)) or ([[5] * n], None))
+    big, small = (load_config(None, ["model.preset=gpt2-tiny", "model.n_positions=16", f"model.vocab_size={v}"])
+                  for v in (512, 100))
+    tok = types.SimpleNamespace(encode=lambda s: [ord(c) for c in s], decode=lambda ids: "".join("f" for _ in ids),
+                                eot_id=None)
+    assert sample_text(big, None, tok, "ab", 3) == "abfff"
+    assert calls[-1] == (512, [[97, 98]], 3, {"temperature": 0.8, "top_k": 200, "rng": 0})
+    assert sample_text(small, None, tok, "ab", 100, seed=3, temperature=1.5, top_k=None) == "ab" + "f" * 14
+    assert calls[-1] == (100, [[97, 98]], 14, {"temperature": 1.5, "top_k": 0, "rng": 3})
+    sample_text(small, None, tok, "", 2)
+    assert calls[-1][1:] == ([[0]], 2, {"temperature": 0.8, "top_k": 100, "rng": 0})
+    sample_text(small, None, types.SimpleNamespace(**{**vars(tok), "eot_id": 7}), "", 2)
+    assert calls[-1][1] == [[7]]
+
+
 def test_keep_every_keeps_those_steps_besides_the_newest_also_after_resuming(corpus, tmp_path):
     from gpt_jax.config import ConfigError
 
