@@ -185,14 +185,15 @@ def test_dry_run_reports_per_device_memory_shrinking_with_fsdp(tmp_path):
         # pmap replicates like a data-only mesh over the local devices, whatever mesh axis sizes the config keeps
         pmap = dry_run(load_config(None, base[:-1] + ["parallel.strategy=pmap", "parallel.data=2", "parallel.fsdp=2",
                                                       "parallel.tensor=2"]))
-        print("RESULT " + json.dumps([dp, fsdp, pmap]))
+        single = dry_run(load_config(None, base[:-1]))
+        print("RESULT " + json.dumps([dp, fsdp, pmap, single]))
     """)
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    dp, fsdp, pmap = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    dp, fsdp, pmap, single = json.loads(proc.stdout.split("RESULT ", 1)[1])
     gib = 1024**3
-    for r, line in zip((dp, fsdp, pmap), proc.stdout.split("RESULT ", 1)[0].split("dry run: ")[1:], strict=True):
+    for r, line in zip((dp, fsdp, pmap, single), proc.stdout.split("RESULT ", 1)[0].split("dry run: ")[1:], strict=True):
         assert 0 < r["compile_s"] < 600 and r["temp_bytes"] > 0
         assert line.startswith(f"{r['strategy']}; global batch 16 x 64, 1 micro-batch(es); compiled in "
                                f"{r['compile_s']:.1f} s\n"), line
@@ -209,6 +210,8 @@ def test_dry_run_reports_per_device_memory_shrinking_with_fsdp(tmp_path):
     # and moments) and an eighth of the batch (16 x (T + 1) int32) on each device
     rest, batch = dp["argument_bytes"] - dp["params_bytes"] - dp["opt_state_bytes"], 16 * (tiny.n_positions + 1) * 4
     assert rest == 4 + 8 + batch // 8, (rest, batch)
+    assert single["strategy"].startswith("single device") and single["params_bytes"] == dp["params_bytes"]
+    assert single["argument_bytes"] - single["params_bytes"] - single["opt_state_bytes"] == 4 + 8 + batch
     assert fsdp["params_bytes"] < dp["params_bytes"] / 6 and fsdp["opt_state_bytes"] < dp["opt_state_bytes"] / 6
 
 
