@@ -121,6 +121,18 @@ def test_prefetch_and_steps_per_call_give_the_same_run_one_read_per_evaluation_a
     assert all(r["val_ppl"] == pytest.approx(math.exp(r["val_loss"])) for r in records(tmp_path / "ref", "eval"))
 
 
+def test_the_config_line_lists_the_settings_that_differ_from_the_defaults():
+    """A run's `config:` line: each setting that differs from the defaults, as section.key=value (a
+    run config pads the vocabulary to 128), the top-level mode when not `train`, and the finetune section
+    only in a fine-tuning run."""
+    from gpt_jax.loop import describe_config
+
+    assert describe_config(load_config(None, ["train.steps=7", "model.n_layer=3", "finetune.lr=0.5"])) == \
+        "model.n_layer=3 model.pad_vocab_multiple=128 train.steps=7"
+    assert describe_config(load_config(None, ["mode=finetune", "finetune.lr=0.5", "model.pad_vocab_multiple=1"])) == \
+        "finetune.lr=0.5 mode=finetune"
+
+
 def test_prefetcher_keeps_order_passes_errors_and_stops_its_thread():
     def items():
         yield from range(5)
