@@ -138,7 +138,7 @@ def test_prefetcher_keeps_order_passes_errors_and_stops_its_thread():
         yield from range(5)
         raise ValueError("bad batch")
 
-    for depth in (0, 2):
+    for depth in (0, 1, 2):
         got, prefetch = [], loop.Prefetcher(items(), depth)
         with pytest.raises(ValueError, match="bad batch"):
             for x in prefetch:
@@ -147,6 +147,8 @@ def test_prefetcher_keeps_order_passes_errors_and_stops_its_thread():
         assert got == list(range(5))
     endless = loop.Prefetcher(iter(int, 1), 2)  # an endless source, abandoned after one item
     assert next(endless) == 0
+    # a daemon, so it never keeps the process alive, named for thread dumps
+    assert endless.thread.daemon and endless.thread.name == "gpt_jax-prefetch"
     endless.close()
     assert not endless.thread.is_alive()
 
