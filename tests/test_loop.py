@@ -145,12 +145,14 @@ def test_prefetcher_keeps_order_passes_errors_and_stops_its_thread():
                 got.append(x)
         prefetch.close()
         assert got == list(range(5))
-    endless = loop.Prefetcher(iter(int, 1), 2)  # an endless source, abandoned after one item
-    assert next(endless) == 0
-    # a daemon, so it never keeps the process alive, named for thread dumps
-    assert endless.thread.daemon and endless.thread.name == "gpt_jax-prefetch"
-    endless.close()
-    assert not endless.thread.is_alive()
+    for depth in (1, 2):
+        endless = loop.Prefetcher(iter(int, 1), depth)  # an endless source, abandoned after one item
+        assert next(endless) == 0
+        # a daemon, so it never keeps the process alive, named for thread dumps
+        assert endless.thread.daemon and endless.thread.name == "gpt_jax-prefetch"
+        time.sleep(0.05)  # the thread fills the queue and waits for room
+        endless.close()
+        assert not endless.thread.is_alive()
 
 
 def test_multi_host_stop_check_runs_every_log_interval(corpus, tmp_path, monkeypatch):
