@@ -65,6 +65,7 @@ def assert_update(params0, params1, expected_R):
               for r in range(PERIOD)]
     scale = max(float(jnp.max(jnp.abs(a))) for a in jax.tree.leaves(actual))
     assert scale > 0 and min(errors) < 2e-3 * scale, (min(errors), scale)
+    return int(np.argmin(errors))
 
 
 def test_gradient_accumulation_averages_micro_batch_gradients(periodic, initial):
@@ -87,7 +88,11 @@ def test_grad_clip_scales_the_gradient_to_the_global_norm(periodic, initial):
     run(periodic, "clip", periodic / "periodic.txt", "train.steps=1", "optim.warmup_steps=0", "train.batch_size=8",
         "optim.grad_accum=2", f"optim.grad_clip={clip}", f"optim.lr={lr}", f"optim.eps={eps}")
     _, params1, _ = load_run(periodic / "clip", "last")
-    assert_update(params0, params1, adam_first_step(clipped, lr, eps))
+    r = assert_update(params0, params1, adam_first_step(clipped, lr, eps))
+    # the logged grad_norm is that of the mean gradient before clipping
+    (logged,) = [json.loads(line)["grad_norm"] for line in (periodic / "clip" / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["kind"] == "train"]
+    np.testing.assert_allclose(logged, float(norms[r]), rtol=1e-4)
 
 
 def records(run_dir, kind):
