@@ -133,6 +133,34 @@ def test_the_config_line_lists_the_settings_that_differ_from_the_defaults():
         "finetune.lr=0.5 mode=finetune"
 
 
+def test_calls_group_up_to_steps_per_call_and_end_at_each_evaluation_checkpoint_and_the_last_step():
+    """placed_chunks: from the step a run starts after, calls of up to `train.steps_per_call` steps, each
+    ending at the latest on a boundary (an evaluation, a checkpoint, the last step); a call of n > 1
+    steps stacks their batches [n, ...] and places them with the rows on axis 2 (lead 2); each call
+    carries the data state after its last batch."""
+    import types
+
+    from gpt_jax.loop import boundary, placed_chunks
+
+    tc = types.SimpleNamespace(steps=11, eval_every=5, save_every=4)
+    assert [s for s in range(1, 13) if boundary(tc, s)] == [4, 5, 8, 10, 11, 12]
+
+    def batches(data_state):
+        i = data_state["i"]
+        while True:
+            i += 1
+            yield {"x": np.full((2, 3), i)}, {"i": i}  # a batch [A, b] and the data state after it
+
+    task = types.SimpleNamespace(config=types.SimpleNamespace(train=tc), batches=batches)
+    strategy = types.SimpleNamespace(put_batch=lambda batch, lead: (lead, batch))
+    calls = [(first, n, lead, batch["x"], state["i"]) for first, n, (lead, batch), state
+             in placed_chunks(task, strategy, start=1, data_state={"i": 1}, per_call=3)]
+    assert [c[:3] + (c[4],) for c in calls] == [(2, 3, 2, 4), (5, 1, 1, 5), (6, 3, 2, 8), (9, 2, 2, 10), (11, 1, 1, 11)]
+    for first, n, _, x, _ in calls:  # batch i for step i
+        want = np.full((2, 3), first) if n == 1 else np.stack([np.full((2, 3), first + k) for k in range(n)])
+        np.testing.assert_array_equal(x, want)
+
+
 def test_prefetcher_keeps_order_passes_errors_and_stops_its_thread():
     def items():
         yield from range(5)
