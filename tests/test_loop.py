@@ -115,6 +115,13 @@ def test_prefetch_and_steps_per_call_give_the_same_run_one_read_per_evaluation_a
     val = eval_batches(prepare(config.data, verbose=False).tokens("val"), 16, 8, 3)
     direct = np.mean([float(step(ref["params"], b)) for b in val])
     np.testing.assert_allclose(records(tmp_path / "ref", "eval")[-1]["val_loss"], direct, rtol=1e-5)
+    # each step logs the learning rate the schedule gives its optimizer step (0 for the first: warmup starts at 0)
+    from gpt_jax.optim import make_schedule
+
+    schedule = make_schedule(config.optim, config.train.steps)
+    for run in ("ref", "got"):
+        np.testing.assert_allclose([r["lr"] for r in records(tmp_path / run)], [float(schedule(s)) for s in range(9)],
+                                   rtol=1e-6, atol=1e-12)
     # the summary train() returns: the last evaluation's loss and the lowest (the two differ: the loss falls)
     evals = [r["val_loss"] for r in records(tmp_path / "ref", "eval")]
     assert "evals" not in ref and ref["val_loss"] == evals[-1] and ref["best_val"] == min(evals) != max(evals)
