@@ -168,6 +168,42 @@ def test_calls_group_up_to_steps_per_call_and_end_at_each_evaluation_checkpoint_
         np.testing.assert_array_equal(x, want)
 
 
+def test_a_non_finite_step_names_the_last_good_checkpoint_and_removes_the_later_ones(tmp_path):
+    """A non-finite loss at step s condemns the parameters of step s - 1 (they gave it), non-finite
+    updated parameters those of step s: the error says which happened, removes every checkpoint from the
+    first bad step on, and names the newest one left, or says that a rerun starts from step 0."""
+    import types
+
+    from gpt_jax.loop import nonfinite_error
+
+    class Saved:  # the checkpoints on disk, as the Checkpointer lists and deletes them
+        def __init__(self, steps):
+            self.saved, self.waited = list(steps), False
+            self.last = types.SimpleNamespace(delete=self.saved.remove)
+
+        def wait(self):
+            self.waited = True
+
+        def steps(self):
+            return list(self.saved)
+
+    advice = ". Lower optim.lr, raise optim.warmup_steps or check the data, then rerun to resume"
+    ckpt = Saved([2, 3, 4])
+    e = nonfinite_error(5, {"loss": float("nan")}, ckpt, tmp_path)
+    assert ckpt.waited and ckpt.saved == [2, 3]
+    assert str(e) == (f"loss is nan at step 5; stopping. The last good checkpoint is step 3 in {tmp_path / 'checkpoints'} "
+                      f"(removed step 4: non-finite from there){advice}")
+    ckpt = Saved([2, 4])
+    e = nonfinite_error(5, {"loss": 2.5}, ckpt, tmp_path)
+    assert ckpt.saved == [2, 4] and str(e) == ("the updated parameters are not finite at step 5; stopping. The last good "
+                                               f"checkpoint is step 4 in {tmp_path / 'checkpoints'}{advice}")
+    ckpt = Saved([1])
+    e = nonfinite_error(2, {"loss": float("inf")}, ckpt, tmp_path)
+    assert ckpt.saved == [] and str(e) == (f"loss is inf at step 2; stopping. No checkpoint comes before it, so a rerun "
+                                           f"starts from step 0 in {tmp_path} (removed step 1: non-finite from there){advice}")
+    assert isinstance(e, FloatingPointError)
+
+
 def test_prefetcher_keeps_order_passes_errors_and_stops_its_thread():
     def items():
         yield from range(5)

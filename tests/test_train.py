@@ -161,7 +161,7 @@ def test_non_finite_stops_before_saving_and_names_a_checkpoint_that_resumes(tmp_
     # following the advice: a lower lr resumes from the named checkpoint and trains on
     code, out, err = run_train(tmp_path, corpus, "run", "train.steps=8", "optim.lr=1e-3", *args)
     assert code == 0, err[-2000:]
-    assert f"resuming from step {saved[-1]}" in out
+    assert f"resuming from step {saved[-1]} in {tmp_path / 'run' / 'checkpoints'}\n" in out
     resumed = losses(tmp_path / "run")
     assert all(math.isfinite(resumed[s]) for s in range(saved[-1] + 1, 9))
 
