@@ -189,10 +189,10 @@ def test_a_non_finite_step_names_the_last_good_checkpoint_and_removes_the_later_
 
     advice = ". Lower optim.lr, raise optim.warmup_steps or check the data, then rerun to resume"
     ckpt = Saved([2, 3, 4])
-    e = nonfinite_error(5, {"loss": float("nan")}, ckpt, tmp_path)
-    assert ckpt.waited and ckpt.saved == [2, 3]
-    assert str(e) == (f"loss is nan at step 5; stopping. The last good checkpoint is step 3 in {tmp_path / 'checkpoints'} "
-                      f"(removed step 4: non-finite from there){advice}")
+    e = nonfinite_error(4, {"loss": float("nan")}, ckpt, tmp_path)
+    assert ckpt.waited and ckpt.saved == [2]
+    assert str(e) == (f"loss is nan at step 4; stopping. The last good checkpoint is step 2 in {tmp_path / 'checkpoints'} "
+                      f"(removed step 3, 4: non-finite from there){advice}")
     ckpt = Saved([2, 4])
     e = nonfinite_error(5, {"loss": 2.5}, ckpt, tmp_path)
     assert ckpt.saved == [2, 4] and str(e) == ("the updated parameters are not finite at step 5; stopping. The last good "
