@@ -550,12 +550,14 @@ def test_a_quiet_run_prints_nothing(corpus, tmp_path, capsys):
     train(lm_config(corpus, tmp_path / "run", "train.steps=2", "train.eval_every=2"), verbose=False)
     assert capsys.readouterr().out == ""
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"kind": "train"') == 2
-    # a command refused by the run's checkpoint lets go of the directory at once, also in a live process
+    # a command refused by the run's checkpoint lets go of the directory at once, even while its error (and
+    # with it every frame of the refused call) is kept, as a notebook keeps the last one
     from gpt_jax.rundir import RunLock
 
-    with pytest.raises(Exception, match="does not match"):
+    with pytest.raises(Exception, match="does not match") as refused:
         train(lm_config(corpus, tmp_path / "run", "train.steps=2", "train.eval_every=2", "model.n_layer=3"), verbose=False)
     RunLock(tmp_path / "run").release()
+    assert refused.tb is not None
     train(ft_config(corpus, tmp_path / "ft", "finetune.epochs=1"), verbose=False)  # fine-tuning too
     assert capsys.readouterr().out == ""
     assert (tmp_path / "ft" / "metrics.jsonl").read_text().count('"kind": "train"') == 6
