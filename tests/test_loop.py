@@ -563,6 +563,36 @@ def test_a_quiet_run_prints_nothing(corpus, tmp_path, capsys):
     assert (tmp_path / "ft" / "metrics.jsonl").read_text().count('"kind": "train"') == 6
 
 
+def test_the_parallel_line_each_process_line_and_the_mfu_terms(monkeypatch, capsys):
+    """The set-up's `parallel:` line (strategy, batch accounting, tokens per step, the peak MFU is measured
+    against: the model dtype's per-device peak times the devices), in a multi-process run each process's
+    own line naming the rows it reads, and the FLOPs per step at the task's sequence length."""
+    import types
+
+    from gpt_jax.flops import flops_per_token
+
+    monkeypatch.setattr(loop, "device_peak_flops", lambda dtype: (2e12 if dtype == "bfloat16" else 1e12, "a stated peak"))
+    config = load_config(None, LM + ["model.dtype=bfloat16"])  # 16 positions
+    strategy = types.SimpleNamespace(accounting={"global_batch": 8, "per_device_batch": 2, "grad_accum": 1},
+                                     n_devices=4, describe=lambda: "pmap over 2 local devices on each of 2 processes (cpu)")
+    lp = types.SimpleNamespace(strategy=strategy, task=types.SimpleNamespace(seq_len=12, tokens_per_step=8 * 12),
+                               config=config, tc=config.train)
+    line = ("parallel: pmap over 2 local devices on each of 2 processes (cpu); global batch 8, per-device batch 2, "
+            "1 accumulation step(s), 96 tokens/step; MFU against 8.00 TFLOP/s (a stated peak x 4)")
+    monkeypatch.setattr(loop.jax, "local_device_count", lambda: 2)
+    monkeypatch.setattr(loop.jax, "device_count", lambda: 4)
+    for index, count, printed in [(0, 1, ""), (1, 2, "process 1 of 2: 2 of 4 devices; reads rows 4..7 of each global "
+                                                     "batch of 8\n")]:
+        monkeypatch.setattr(loop.jax, "process_index", lambda: index)
+        monkeypatch.setattr(loop.jax, "process_count", lambda: count)
+        said = []
+        capsys.readouterr()
+        loop.Loop._describe_parallel(lp, said.append)
+        assert said == [line] and capsys.readouterr().out == printed
+        assert lp.peak == 8e12 and lp.flops_per_step == flops_per_token(config.model, 12) * 96
+    assert flops_per_token(config.model, 12) != flops_per_token(config.model, 16)
+
+
 def test_finetuning_mfu_counts_the_task_sequence_length_not_the_context(corpus, tmp_path, monkeypatch):
     """MFU = tokens/s x (6 N + 12 L D T) / peak with T the fine-tuning batches' length (PaLM's count,
     N without the position embedding), here shorter than the 64-token context."""
