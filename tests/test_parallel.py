@@ -29,6 +29,8 @@ SCRIPT = textwrap.dedent("""
             "mesh_tp2_dp4": ["parallel.strategy=mesh", "parallel.data=4", "parallel.tensor=2"]}
     if accum != "1":  # data parallel over a mesh is also in the two mixed meshes
         runs.pop("mesh_dp8")
+        for name in ("pmap8", "mesh_fsdp4_dp2"):  # and two steps per call: steps 1-2, 3-4, 5
+            runs[name] = runs[name] + ["train.steps_per_call=2"]
     assert jax.device_count() == 8
     result, used = {}, {}
     for name, extra in runs.items():
