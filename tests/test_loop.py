@@ -543,13 +543,30 @@ def test_dry_run_of_a_fine_tuning_config_is_a_clear_error():
         dry_run(load_config(None, ["mode=finetune"]))
 
 
-def test_a_quiet_run_prints_nothing(corpus, tmp_path, capsys):
+def test_a_quiet_run_prints_nothing(corpus, tmp_path, capsys, monkeypatch):
+    import io
+
     from gpt_jax.trainer import train
 
+    class Terminal(io.StringIO):  # where a progress bar would show by default
+        def isatty(self):
+            return True
+
     capsys.readouterr()
+    monkeypatch.setattr(sys, "stdout", Terminal())
     train(lm_config(corpus, tmp_path / "run", "train.steps=2", "train.eval_every=2"), verbose=False)
+    assert sys.stdout.getvalue() == ""
+    monkeypatch.undo()
     assert capsys.readouterr().out == ""
     assert (tmp_path / "run" / "metrics.jsonl").read_text().count('"kind": "train"') == 2
+    # a fresh run reads the sampler from its start: its checkpoint holds the state after the first 2 batches
+    from gpt_jax.data import Sampler, prepare
+
+    config = lm_config(corpus, tmp_path / "run")
+    sampler = Sampler(prepare(config.data, verbose=False).tokens("train"), 16, 8, config.train.seed)
+    sampler.next(), sampler.next()
+    meta = json.loads((tmp_path / "run" / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert meta["sampler"] == sampler.state()
     # a command refused by the run's checkpoint lets go of the directory at once, even while its error (and
     # with it every frame of the refused call) is kept, as a notebook keeps the last one
     from gpt_jax.rundir import RunLock
