@@ -318,8 +318,12 @@ def test_sample_text_defaults_empty_prompt_and_a_sample_longer_than_the_context(
     from gpt_jax.trainer import sample_text
 
     calls = []
-    monkeypatch.setattr(importlib.import_module("gpt_jax.generate"), "generate", lambda model, params, prompts, n, **kw: calls.append(
-        (model.vocab_size, prompts, n, kw)) or ([[5] * n], None))
+
+    def generate(model, params, prompts, n, **kw):  # what sample_text asks for, and n tokens of id 5
+        calls.append((model.vocab_size, prompts, n, kw))
+        return [[5] * n], None
+
+    monkeypatch.setattr(importlib.import_module("gpt_jax.generate"), "generate", generate)
     big, small = (load_config(None, ["model.preset=gpt2-tiny", "model.n_positions=16", f"model.vocab_size={v}"])
                   for v in (512, 100))
     tok = types.SimpleNamespace(encode=lambda s: [ord(c) for c in s], decode=lambda ids: "".join("f" for _ in ids),
@@ -569,9 +573,9 @@ def test_a_quiet_run_prints_nothing(corpus, tmp_path, capsys, monkeypatch):
     assert meta["sampler"] == sampler.state()
     # a command refused by the run's checkpoint lets go of the directory at once, even while its error (and
     # with it every frame of the refused call) is kept, as a notebook keeps the last one
-    from gpt_jax.rundir import RunLock
+    from gpt_jax.rundir import RunDirError, RunLock
 
-    with pytest.raises(Exception, match="does not match") as refused:
+    with pytest.raises(RunDirError, match="does not match") as refused:
         train(lm_config(corpus, tmp_path / "run", "train.steps=2", "train.eval_every=2", "model.n_layer=3"), verbose=False)
     RunLock(tmp_path / "run").release()
     assert refused.tb is not None

@@ -90,8 +90,8 @@ def test_grad_clip_scales_the_gradient_to_the_global_norm(periodic, initial):
     _, params1, _ = load_run(periodic / "clip", "last")
     r = assert_update(params0, params1, adam_first_step(clipped, lr, eps))
     # the logged grad_norm is that of the mean gradient before clipping
-    (logged,) = [json.loads(line)["grad_norm"] for line in (periodic / "clip" / "metrics.jsonl").read_text().splitlines()
-                 if json.loads(line)["kind"] == "train"]
+    rows = map(json.loads, (periodic / "clip" / "metrics.jsonl").read_text().splitlines())
+    (logged,) = [row["grad_norm"] for row in rows if row["kind"] == "train"]
     np.testing.assert_allclose(logged, float(norms[r]), rtol=1e-4)
 
 
