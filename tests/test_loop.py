@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ORCHESTRATION_ENV, ROOT
 from gpt_jax import loop
 from gpt_jax.config import load_config
 
@@ -527,7 +527,7 @@ STRATEGIES = textwrap.dedent("""
 
 def test_finetuning_strategies_on_8_devices_match_single_device(corpus, tmp_path):
     args = ft_args(corpus, "unused", "finetune.dropout=0", "finetune.clf_pdrop=0", "finetune.lr=3e-3")
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, **ORCHESTRATION_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", STRATEGIES, json.dumps(args), str(tmp_path)], capture_output=True,
                           text=True, env=env, cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -11,9 +11,9 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT, data_path
+from conftest import ORCHESTRATION_ENV, ROOT, data_path
 
-STEPS, FIRST = 8, 5
+STEPS = 8
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def corpus(tmp_path_factory):
 
 
 def base_args(corpus, out, cache):
-    # decay_steps fixed so a 5-step run continued to 8 follows the 8-step run's schedule
+    # decay_steps fixed so a 3- or 6-step run continued to 8 follows the 8-step run's schedule
     return ["model.preset=gpt2-tiny", "model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.n_positions=32",
             "train.batch_size=16", "train.log_every=1", "train.eval_every=4", "train.save_every=5",
             "train.eval_batches=1", "train.sample_tokens=0", "optim.warmup_steps=2", "optim.lr=3e-3",
@@ -32,7 +32,8 @@ def base_args(corpus, out, cache):
 
 
 def env(devices):
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    return {**os.environ, **ORCHESTRATION_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu"}
 
 
 def free_port():
@@ -70,32 +71,32 @@ def single_losses(corpus, tmp_path_factory):
     return [r["loss"] for r in train_records(tmp / "run") if r["kind"] == "train"]
 
 
-@pytest.mark.parametrize("first,then", [
-    (["parallel.strategy=pmap"], ["parallel.strategy=mesh"]),
-    (["parallel.strategy=mesh", "parallel.data=2", "parallel.fsdp=2"], ["parallel.strategy=pmap"]),
-], ids=["pmap-then-mesh", "mesh_fsdp2-then-pmap"])
-def test_two_processes_match_single_process_and_resume(tmp_path, corpus, single_losses, first, then):
+def test_two_processes_match_single_process_and_resume_across_strategies(tmp_path, corpus, single_losses):
+    """pmap to step 3, then mesh (data 2 x fsdp 2) to step 6, then pmap to step 8, each run restoring the
+    2-process checkpoint the other strategy saved: the single-process losses, one log line per step."""
     run_dir = tmp_path / "run"
     args = base_args(corpus, run_dir, tmp_path / "cache")
-    first_run = run_two_processes(args + [f"train.steps={FIRST}"] + first)
-    for i, (rc, out) in enumerate(first_run):
-        assert rc == 0, f"process {i}:\n{out[-4000:]}"
-    (_, out0), (_, out1) = first_run
-    # each process reads its own half of every global batch
-    assert "process 0 of 2: 2 of 4 devices; reads rows 0..7 of each global batch of 16" in out0
-    assert "process 1 of 2: 2 of 4 devices; reads rows 8..15 of each global batch of 16" in out1
-    # only process 0 reports
-    assert "done: step 5" in out0 and "val loss" in out0
-    assert "done:" not in out1 and "val loss" not in out1 and "config:" not in out1
-    assert (run_dir / "checkpoints" / str(FIRST)).is_dir()
-
-    # restore the 2-process checkpoint under the other strategy and train on to step 8
-    second_run = run_two_processes(args + [f"train.steps={STEPS}"] + then)
-    for i, (rc, out) in enumerate(second_run):
-        assert rc == 0, f"process {i}:\n{out[-4000:]}"
-    assert f"resuming from step {FIRST}" in second_run[0][1]
-    pmap_out = (first_run if "parallel.strategy=pmap" in first else second_run)[0][1]
-    assert "parallel: pmap over 2 local devices on each of 2 processes (cpu); global batch 16, " in pmap_out
+    chain = [(3, ["parallel.strategy=pmap"]), (6, ["parallel.strategy=mesh", "parallel.data=2", "parallel.fsdp=2"]),
+             (STEPS, ["parallel.strategy=pmap"])]
+    previous = None
+    for steps, strategy in chain:
+        (rc0, out0), (rc1, out1) = run_two_processes(args + [f"train.steps={steps}"] + strategy)
+        assert rc0 == 0 and rc1 == 0, f"process 0:\n{out0[-4000:]}\nprocess 1:\n{out1[-4000:]}"
+        # each process reads its own half of every global batch
+        assert "process 0 of 2: 2 of 4 devices; reads rows 0..7 of each global batch of 16" in out0
+        assert "process 1 of 2: 2 of 4 devices; reads rows 8..15 of each global batch of 16" in out1
+        # only process 0 reports
+        assert f"done: step {steps}" in out0 and "config:" in out0 and "val loss" in out0
+        assert "done:" not in out1 and "val loss" not in out1 and "config:" not in out1
+        assert (run_dir / "checkpoints" / str(steps)).is_dir()
+        assert (previous is None) == ("resuming from step" not in out0)
+        if previous is not None:
+            assert f"resuming from step {previous}" in out0
+        if strategy == ["parallel.strategy=pmap"]:
+            assert "parallel: pmap over 2 local devices on each of 2 processes (cpu); global batch 16, " in out0
+        else:
+            assert "parallel: mesh {'data': 2, 'fsdp': 2, " in out0
+        previous = steps
 
     records = train_records(run_dir)
     steps = [r["step"] for r in records if r["kind"] == "train"]
@@ -103,6 +104,7 @@ def test_two_processes_match_single_process_and_resume(tmp_path, corpus, single_
     losses = [r["loss"] for r in records if r["kind"] == "train"]
     np.testing.assert_allclose(losses, single_losses, rtol=1e-5)
     assert losses[-1] < losses[0]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [3, 4, 6, 8]  # every 4 steps and each run's end
 
 
 def test_single_strategy_in_a_multi_process_run_is_a_clear_error(tmp_path, corpus):
