@@ -502,7 +502,11 @@ def test_finetuning_survives_sigkill_and_sigterm_bitwise(corpus, tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     final = {r["step"]: r["loss"] for r in records(run_dir)}
     assert final == {r["step"]: r["loss"] for r in records(tmp_path / "ref")}
-    assert [r["dev_accuracy"] for r in records(run_dir, "eval")][-1] == records(tmp_path / "ref", "eval")[-1]["dev_accuracy"]
+    # each epoch's evaluation, its train accuracy counted over the whole epoch across the interruptions too
+    def evals(path):
+        return {r["step"]: (r["train_accuracy"], r["dev_accuracy"], r["dev_loss"]) for r in records(path, "eval")}
+
+    assert evals(run_dir) == evals(tmp_path / "ref") and sorted(evals(run_dir)) == [30, 60, 90]
 
 
 STRATEGIES = textwrap.dedent("""
@@ -582,6 +586,60 @@ def test_a_quiet_run_prints_nothing(corpus, tmp_path, capsys, monkeypatch):
     train(ft_config(corpus, tmp_path / "ft", "finetune.epochs=1"), verbose=False)  # fine-tuning too
     assert capsys.readouterr().out == ""
     assert (tmp_path / "ft" / "metrics.jsonl").read_text().count('"kind": "train"') == 6
+
+
+def test_a_resumed_run_keeps_its_best_validation_loss(corpus, tmp_path, monkeypatch):
+    """best/ holds the lowest validation loss across a resume: an evaluation after resuming that is worse than
+    one before it leaves best/ alone (validation losses scripted: 2.0 at step 2, 3.0 at step 4)."""
+    from gpt_jax.checkpoint import Checkpointer
+    from gpt_jax.trainer import PretrainTask, train
+
+    scripted, real = {2: 2.0, 4: 3.0}, PretrainTask.eval_record
+
+    def eval_record(self, step, raw):
+        record, _ = real(self, step, raw)
+        return {**record, "val_loss": scripted[step]}, -scripted[step]
+
+    monkeypatch.setattr(PretrainTask, "eval_record", eval_record)
+    run_dir, args = tmp_path / "run", ("train.eval_every=2", "train.save_every=2")
+
+    def best_step():
+        ckpt = Checkpointer(run_dir, read_only=True)
+        try:
+            return ckpt.best.all_steps()
+        finally:
+            ckpt.close()
+
+    assert train(lm_config(corpus, run_dir, "train.steps=2", *args), verbose=False)["best_val"] == 2.0
+    second = train(lm_config(corpus, run_dir, "train.steps=4", *args), verbose=False)
+    assert second["start_step"] == 2 and second["best_val"] == 2.0 and best_step() == [2]
+
+
+def test_a_run_reports_its_set_up_in_order_and_a_fine_tuning_run_without_dev_data_keeps_its_best_train_accuracy(
+        corpus, tmp_path, capsys):
+    """Before its first step a run prints its config line, the task's description, the attention path and the
+    parallel line, in that order; it returns its run directory and the step it started from. Here a fine-tuning
+    run on a one-device mesh (its head has no logical axes of the GPT's own) without finetune.dev_file: each
+    epoch's record holds the train accuracy alone, and that picks the best checkpoint."""
+    from gpt_jax.trainer import train
+
+    run_dir, args = tmp_path / "ft", ("finetune.dev_file=", "parallel.strategy=mesh")
+    capsys.readouterr()
+    summary = train(ft_config(corpus, run_dir, *args))
+    out = capsys.readouterr().out.splitlines()
+    lines = out[[i for i, line in enumerate(out) if line.startswith("config: ")][0]:]  # after any tokenizing
+    assert "parallel.strategy=mesh" in lines[0] and lines[0].endswith(" mode=finetune")
+    assert lines[1].startswith("fine-tuning (classification, labels ") and "44 training examples; " in lines[1]
+    assert lines[2] == "attention: einsum reference for cpu"
+    assert lines[3].startswith("parallel: mesh {'data': 1, 'fsdp': 1, 'tensor': 1}"), lines[3]
+    assert "None" not in out
+    evals = records(run_dir, "eval")
+    assert [(r["step"], r["epoch"]) for r in evals] == [(6, 1), (12, 2)]
+    assert all(set(r) == {"kind", "step", "epoch", "train_accuracy"} for r in evals), evals
+    assert summary["best_dev_accuracy"] is None and summary["best"] == max(r["train_accuracy"] for r in evals)
+    assert summary["run_dir"] == str(run_dir) and summary["start_step"] == 0 and summary["interrupted"] is None
+    again = train(ft_config(corpus, run_dir, *args), verbose=False)
+    assert again["run_dir"] == str(run_dir) and again["start_step"] == 12
 
 
 def test_the_parallel_line_each_process_line_and_the_mfu_terms(monkeypatch, capsys):
