@@ -226,18 +226,80 @@ def test_prefetcher_keeps_order_passes_errors_and_stops_its_thread():
         assert not endless.thread.is_alive()
 
 
+def test_each_logged_rate_counts_the_steps_and_seconds_since_the_last_record_leaving_out_evaluations(
+        corpus, tmp_path, monkeypatch):
+    """A train record's tokens_per_s: the steps since the previous record times tokens per step, over the
+    seconds their calls took, from the start of the run or the end of the last evaluation and checkpoint. Here
+    the run's clock moves only while the main thread reads a result from the device, one second per read, so
+    every rate is one step's tokens per second, windows of two steps and a window an evaluation splits alike."""
+    import threading
+    import types
+
+    from gpt_jax.flops import flops_per_token
+
+    clock, real_get = [1000.0], jax.device_get
+
+    def device_get(x):
+        if threading.current_thread() is threading.main_thread():
+            clock[0] += 1.0
+        return real_get(x)
+
+    monkeypatch.setattr(loop, "time", types.SimpleNamespace(time=lambda: clock[0]))
+    monkeypatch.setattr(jax, "device_get", device_get)
+    monkeypatch.setattr(loop, "device_peak_flops", lambda dtype: (1e12, "a stated peak"))
+    args = ("train.steps=6", "train.log_every=2", "train.eval_every=3", "train.save_every=100", "data.prefetch=0")
+    summary = run_task(lm_config(corpus, tmp_path / "one", *args))
+    rates = {r["step"]: r["tokens_per_s"] for r in records(tmp_path / "one")}
+    assert rates == {2: 8 * 16, 4: 8 * 16, 6: 8 * 16}  # batch 8 x 16 positions per step, one step a second
+    model = load_config(tmp_path / "one" / "config.yaml", saved_run=True).model  # with the data's vocabulary
+    for r in records(tmp_path / "one"):  # model FLOPs per second over the stated peak
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * flops_per_token(model, 16) / 1e12, rel=1e-9)
+    assert summary["loss"] == records(tmp_path / "one")[-1]["loss"]  # the closing line's train loss
+    assert all(set(r) == {"kind", "step", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"}
+               for r in records(tmp_path / "one"))  # what a step's metrics hold ("finite" is read, not logged)
+    # two steps per call (1-2, 3, 4-5, 6): a call's second is shared by its steps, so steps 1-2 took 1 s,
+    # steps 3-4 and 5-6 1.5 s each
+    run_task(lm_config(corpus, tmp_path / "two", *args, "train.steps_per_call=2"))
+    rates = {r["step"]: r["tokens_per_s"] for r in records(tmp_path / "two")}
+    assert rates == {2: 2 * 8 * 16 / 1.0, 4: 2 * 8 * 16 / 1.5, 6: 2 * 8 * 16 / 1.5}
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_checkpoint(corpus, tmp_path, monkeypatch):
+    """A non-finite loss read at step 5 stops the run with one error: the loss, the step, the checkpoint at
+    step 4 removed (its parameters gave that loss) and step 2 named as the last good one."""
+    reads, real_get = [], jax.device_get
+
+    def device_get(x):  # the fifth read of a step's metrics says its loss is nan
+        out = real_get(x)
+        if isinstance(out, dict) and "finite" in out:
+            reads.append(1)
+            if len(reads) == 5:
+                out = {**out, "loss": np.full_like(out["loss"], np.nan)}
+        return out
+
+    monkeypatch.setattr(jax, "device_get", device_get)
+    run_dir = tmp_path / "run"
+    with pytest.raises(FloatingPointError) as stop:
+        run_task(lm_config(corpus, run_dir, "train.steps=8", "train.save_every=2", "train.eval_every=100",
+                           "data.prefetch=0", "train.keep_checkpoints=5"))
+    assert str(stop.value).startswith(f"loss is nan at step 5; stopping. The last good checkpoint is step 2 in "
+                                      f"{run_dir / 'checkpoints'} (removed step 4: non-finite from there).")
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    assert [r["step"] for r in records(run_dir)] == [1, 2, 3, 4]
+
+
 def test_multi_host_stop_check_runs_every_log_interval(corpus, tmp_path, monkeypatch):
     calls, stop_at = [], [3]  # as if another process had received SIGTERM by the third check
     monkeypatch.setattr(loop, "any_process", lambda flag: calls.append(flag) or len(calls) in stop_at)
     config = lm_config(corpus, tmp_path / "run", "train.steps=20", "train.log_every=3", "train.eval_every=100",
                        "train.save_every=100")
     result = run_task(config, processes=2)
-    assert len(calls) == 3 and not any(calls)
+    assert calls == [False] * 3  # this process's own flag: it received no signal
     assert result["interrupted"] == "SIGTERM" and result["step"] == 9  # checks at steps 3, 6 and 9 only
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["9"]
     calls.clear(), stop_at.clear()
     run_task(config, processes=2)  # resumed: checks at 12, 15, 18 and the last step, 20
-    assert len(calls) == 4
+    assert calls == [False] * 4
 
 
 @pytest.mark.parametrize("process", [0, 1])
@@ -637,9 +699,10 @@ def test_a_run_reports_its_set_up_in_order_and_a_fine_tuning_run_without_dev_dat
     assert [(r["step"], r["epoch"]) for r in evals] == [(6, 1), (12, 2)]
     assert all(set(r) == {"kind", "step", "epoch", "train_accuracy"} for r in evals), evals
     assert summary["best_dev_accuracy"] is None and summary["best"] == max(r["train_accuracy"] for r in evals)
-    assert summary["run_dir"] == str(run_dir) and summary["start_step"] == 0 and summary["interrupted"] is None
+    assert summary["run_dir"] == str(run_dir) and summary["start_step"] == 0 and summary["step"] == 12
+    assert summary["interrupted"] is None
     again = train(ft_config(corpus, run_dir, *args), verbose=False)
-    assert again["run_dir"] == str(run_dir) and again["start_step"] == 12
+    assert again["run_dir"] == str(run_dir) and again["start_step"] == again["step"] == 12
 
 
 def test_the_parallel_line_each_process_line_and_the_mfu_terms(monkeypatch, capsys):
