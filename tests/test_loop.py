@@ -286,6 +286,8 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_check
                                       f"{run_dir / 'checkpoints'} (removed step 4: non-finite from there).")
     assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [2]
     assert [r["step"] for r in records(run_dir)] == [1, 2, 3, 4]
+    assert not (run_dir / "best").exists() or not any(p.name.isdigit() for p in (run_dir / "best").iterdir()), \
+        "no evaluation ran, so no checkpoint is the best"
 
 
 def test_multi_host_stop_check_runs_every_log_interval(corpus, tmp_path, monkeypatch):
@@ -652,11 +654,12 @@ def test_a_quiet_run_prints_nothing(corpus, tmp_path, capsys, monkeypatch):
 
 def test_a_resumed_run_keeps_its_best_validation_loss(corpus, tmp_path, monkeypatch):
     """best/ holds the lowest validation loss across a resume: an evaluation after resuming that is worse than
-    one before it leaves best/ alone (validation losses scripted: 2.0 at step 2, 3.0 at step 4)."""
+    one before it, or one only as good, leaves best/ alone (validation losses scripted: 2.0 at step 2, 3.0 at step
+    4, 2.0 at step 6). The summary train() returns holds the run's last evaluation, step, parameters and tokenizer."""
     from gpt_jax.checkpoint import Checkpointer
     from gpt_jax.trainer import PretrainTask, train
 
-    scripted, real = {2: 2.0, 4: 3.0}, PretrainTask.eval_record
+    scripted, real = {2: 2.0, 4: 3.0, 6: 2.0}, PretrainTask.eval_record
 
     def eval_record(self, step, raw):
         record, _ = real(self, step, raw)
@@ -675,6 +678,25 @@ def test_a_resumed_run_keeps_its_best_validation_loss(corpus, tmp_path, monkeypa
     assert train(lm_config(corpus, run_dir, "train.steps=2", *args), verbose=False)["best_val"] == 2.0
     second = train(lm_config(corpus, run_dir, "train.steps=4", *args), verbose=False)
     assert second["start_step"] == 2 and second["best_val"] == 2.0 and best_step() == [2]
+    # what train() returns: the last evaluation, the step, the final parameters, the tokenizer, the time taken
+    assert second["val_loss"] == 3.0 and second["step"] == 4 and 0 < second["seconds"] < 3600
+    from gpt_jax.trainer import restore_params
+
+    for a, b in zip(jax.tree.leaves(second["params"]), jax.tree.leaves(restore_params(run_dir, "last")), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert second["tokenizer"].spec() == json.loads((run_dir / "tokenizer.json").read_text())
+    # and the run let go of its directory: another process takes it at once
+    from test_rundir import LOCKER
+
+    taker = subprocess.Popen([sys.executable, "-c", LOCKER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert taker.stdout.readline().strip() == "locked"
+    finally:
+        taker.kill()
+        taker.wait()
+    third = train(lm_config(corpus, run_dir, "train.steps=6", *args), verbose=False)
+    assert third["best_val"] == 2.0 and best_step() == [2]  # as good as the best is not better
 
 
 def test_a_run_reports_its_set_up_in_order_and_a_fine_tuning_run_without_dev_data_keeps_its_best_train_accuracy(

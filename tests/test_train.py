@@ -116,9 +116,11 @@ def test_sigterm_and_sigint_save_then_resume(tmp_path, corpus, reference_run, si
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + sig.value, err[-2000:]
-    assert f"received {sig.name}: saved a checkpoint at step" in out
     saved = [int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()]
     assert len(saved) == 1 and 1 <= saved[0] < 2000
+    # the whole line (the progress bar's carriage returns apart): this process received it, at which step, where
+    assert (f"received {sig.name}: saved a checkpoint at step {saved[0]} in {tmp_path / 'run'}; rerun the same "
+            "command to resume") in out.replace("\r", "\n").splitlines(), out[-2000:]
     code, out, err = run_train(tmp_path, corpus, "run", "train.steps=30", *args)
     assert code == 0, err[-2000:]
     if saved[0] < 30:
