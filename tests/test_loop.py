@@ -288,6 +288,17 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_check
     assert [r["step"] for r in records(run_dir)] == [1, 2, 3, 4]
     assert not (run_dir / "best").exists() or not any(p.name.isdigit() for p in (run_dir / "best").iterdir()), \
         "no evaluation ran, so no checkpoint is the best"
+    # the run let go of its directory though its error (and every frame of the run) is still alive, as a
+    # notebook keeps the last one: another process takes it at once
+    from test_rundir import LOCKER
+
+    taker = subprocess.Popen([sys.executable, "-c", LOCKER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert taker.stdout.readline().strip() == "locked" and stop.tb is not None
+    finally:
+        taker.kill()
+        taker.wait()
 
 
 def test_multi_host_stop_check_runs_every_log_interval(corpus, tmp_path, monkeypatch):
