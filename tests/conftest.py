@@ -37,6 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # backend optimisations only cost them compile time, about a third of their CPU time on a 2-core machine.
 # Model numerics, reference parity, memory figures and the bitwise SIGKILL tests compile as a user's run does.
 ORCHESTRATION_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
+def orchestration_env(devices: int) -> dict:
+    """The environment of such a subprocess: `devices` fake CPU devices, backend optimisations off."""
+    return {**os.environ, **ORCHESTRATION_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+            "JAX_PLATFORMS": "cpu"}
 STRICT = os.environ.get("GPT_JAX_STRICT") == "1"
 os.environ.setdefault("GPT_JAX_DATA", str(ROOT.parent / "shared" / "data"))
 DATA = Path(os.environ["GPT_JAX_DATA"])

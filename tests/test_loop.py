@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ORCHESTRATION_ENV, ROOT
+from conftest import ROOT, orchestration_env
 from gpt_jax import loop
 from gpt_jax.config import load_config
 
@@ -63,6 +63,19 @@ def ft_config(corpus, out, *extra):
 
 def records(run_dir, kind="train"):
     return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def another_process_takes(run_dir) -> bool:
+    """Whether another process can lock `run_dir` at once (the run that had it let go)."""
+    from test_rundir import LOCKER
+
+    taker = subprocess.Popen([sys.executable, "-c", LOCKER, str(run_dir)], stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        return taker.stdout.readline().strip() == "locked"
+    finally:
+        taker.kill()
+        taker.wait()
 
 
 def run_task(config, loop_cls=loop.Loop, **attrs):
@@ -290,15 +303,7 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_last_good_check
         "no evaluation ran, so no checkpoint is the best"
     # the run let go of its directory though its error (and every frame of the run) is still alive, as a
     # notebook keeps the last one: another process takes it at once
-    from test_rundir import LOCKER
-
-    taker = subprocess.Popen([sys.executable, "-c", LOCKER, str(run_dir)], stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        assert taker.stdout.readline().strip() == "locked" and stop.tb is not None
-    finally:
-        taker.kill()
-        taker.wait()
+    assert stop.tb is not None and another_process_takes(run_dir)
 
 
 def test_multi_host_stop_check_runs_every_log_interval(corpus, tmp_path, monkeypatch):
@@ -606,9 +611,8 @@ STRATEGIES = textwrap.dedent("""
 
 def test_finetuning_strategies_on_8_devices_match_single_device(corpus, tmp_path):
     args = ft_args(corpus, "unused", "finetune.dropout=0", "finetune.clf_pdrop=0", "finetune.lr=3e-3")
-    env = {**os.environ, **ORCHESTRATION_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, "-c", STRATEGIES, json.dumps(args), str(tmp_path)], capture_output=True,
-                          text=True, env=env, cwd=tmp_path, timeout=900)
+                          text=True, env=orchestration_env(8), cwd=tmp_path, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     ref = result.pop("single")
@@ -697,15 +701,7 @@ def test_a_resumed_run_keeps_its_best_validation_loss(corpus, tmp_path, monkeypa
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert second["tokenizer"].spec() == json.loads((run_dir / "tokenizer.json").read_text())
     # and the run let go of its directory: another process takes it at once
-    from test_rundir import LOCKER
-
-    taker = subprocess.Popen([sys.executable, "-c", LOCKER, str(run_dir)], stdout=subprocess.PIPE, text=True,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        assert taker.stdout.readline().strip() == "locked"
-    finally:
-        taker.kill()
-        taker.wait()
+    assert another_process_takes(run_dir)
     third = train(lm_config(corpus, run_dir, "train.steps=6", *args), verbose=False)
     assert third["best_val"] == 2.0 and best_step() == [2]  # as good as the best is not better
 

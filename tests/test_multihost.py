@@ -3,7 +3,6 @@ collectives) give the single-process losses, save, restore under another strateg
 data and the logging as a multi-host run must."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -11,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ORCHESTRATION_ENV, ROOT, data_path
+from conftest import ROOT, data_path, orchestration_env
 
 STEPS = 8
 
@@ -31,11 +30,6 @@ def base_args(corpus, out, cache):
             f"optim.decay_steps={STEPS}", f"data.source={corpus}", f"data.cache_dir={cache}", f"train.out_dir={out}"]
 
 
-def env(devices):
-    return {**os.environ, **ORCHESTRATION_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-            "JAX_PLATFORMS": "cpu"}
-
-
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -48,7 +42,7 @@ def run_two_processes(args):
     procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args,
                                f"parallel.coordinator_address=127.0.0.1:{port}", "parallel.num_processes=2",
                                f"parallel.process_id={i}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=env(2), cwd=ROOT) for i in range(2)]
+                              text=True, env=orchestration_env(2), cwd=ROOT) for i in range(2)]
     try:
         outs = [p.communicate(timeout=420)[0] for p in procs]
     finally:
@@ -66,7 +60,7 @@ def single_losses(corpus, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("single")
     proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *base_args(corpus, tmp / "run", tmp / "cache"),
                            f"train.steps={STEPS}", "parallel.strategy=single"],
-                          capture_output=True, text=True, env=env(1), cwd=ROOT, timeout=300)
+                          capture_output=True, text=True, env=orchestration_env(1), cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [r["loss"] for r in train_records(tmp / "run") if r["kind"] == "train"]
 
@@ -184,7 +178,7 @@ def test_two_processes_fine_tune_as_one(tmp_path, corpus):
             "finetune.batch_size=8", "finetune.epochs=1", "finetune.lr=3e-3", "finetune.dropout=0",
             "finetune.clf_pdrop=0", "train.log_every=1"]
     single = subprocess.run([sys.executable, str(ROOT / "train.py"), *args, f"train.out_dir={tmp_path / 'single'}"],
-                            capture_output=True, text=True, env=env(1), cwd=ROOT, timeout=300)
+                            capture_output=True, text=True, env=orchestration_env(1), cwd=ROOT, timeout=300)
     assert single.returncode == 0, single.stderr[-3000:]
     results = run_two_processes(args + [f"train.out_dir={tmp_path / 'two'}", "parallel.strategy=mesh",
                                         "parallel.data=2", "parallel.fsdp=2"])
@@ -214,7 +208,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path, corpus):
     procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args,
                                f"parallel.coordinator_address=127.0.0.1:{port}", "parallel.num_processes=2",
                                f"parallel.process_id={i}"], stdout=logs[i], stderr=subprocess.STDOUT, text=True,
-                              env=env(2), cwd=ROOT) for i in range(2)]
+                              env=orchestration_env(2), cwd=ROOT) for i in range(2)]
     try:
         deadline = time.time() + 300
         while not ((run_dir / "metrics.jsonl").is_file() and len(train_records(run_dir)) >= 3):

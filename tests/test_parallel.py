@@ -9,7 +9,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import ORCHESTRATION_ENV, ROOT, data_path
+from conftest import ROOT, data_path, orchestration_env
 
 SCRIPT = textwrap.dedent("""
     import contextlib, io, json, sys
@@ -53,8 +53,7 @@ def corpus(tmp_path_factory):
 
 
 def run_on_8_devices(args, tmp_path):
-    env = {**os.environ, **ORCHESTRATION_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, env=orchestration_env(8),
                           cwd=tmp_path, timeout=900)
 
 
@@ -116,10 +115,8 @@ def test_checkpoints_move_between_strategies_and_device_counts(tmp_path, corpus)
             "optim.lr=3e-3", f"data.source={corpus}", f"data.cache_dir={tmp_path / 'cache'}"]
 
     def run(out, devices, *extra):
-        env = {**os.environ, **ORCHESTRATION_ENV, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-               "JAX_PLATFORMS": "cpu"}
         proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *base, f"train.out_dir={tmp_path / out}", *extra],
-                              capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+                              capture_output=True, text=True, env=orchestration_env(devices), cwd=tmp_path, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout
 
@@ -170,8 +167,8 @@ def test_generate_with_sharded_parameters_gives_single_device_tokens(tmp_path):
             assert generate(cfg.model, sharded, prompts, 12, temperature=0.9, top_k=20, rng=3)[0] == sampled, extra
             print("OK", extra)
     """)
-    env = {**os.environ, **ORCHESTRATION_ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=orchestration_env(8),
+                          timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("OK ") == 3
 
