@@ -36,6 +36,9 @@ def test_special_tokens_grow_the_embedding_and_leave_the_model_unchanged():
     old, new = params["wte"]["embedding"], grown["wte"]["embedding"]
     np.testing.assert_array_equal(new[:V], old)
     assert new.shape == (V + 3, config.n_embd) and 0.01 < float(new[V:].std()) < 0.03  # N(0, 0.02)
+    # an explicit std scales the same draws: N(0, std) from the same key
+    _, scaled, _ = add_special_tokens(config, params, jax.random.key(1), std=0.5)
+    np.testing.assert_allclose(scaled["wte"]["embedding"][V:], 25 * new[V:], rtol=1e-6)
     tokens = jnp.array([[1, 2, 3, 4, 5]])
     # ordinary text gives the same logits over the old vocabulary (the output layer is tied)
     np.testing.assert_allclose(GPT(grown_config).apply({"params": grown}, tokens)[..., :V],

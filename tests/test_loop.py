@@ -316,8 +316,14 @@ def test_multi_host_stop_check_runs_every_log_interval(corpus, tmp_path, monkeyp
     assert result["interrupted"] == "SIGTERM" and result["step"] == 9  # checks at steps 3, 6 and 9 only
     assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()] == ["9"]
     calls.clear(), stop_at.clear()
-    run_task(config, processes=2)  # resumed: checks at 12, 15, 18 and the last step, 20
+    run_dir = tmp_path / "run"
+    (run_dir / "loss.png").unlink()  # drawn by the first run, as process 0
+    metrics = (run_dir / "metrics.jsonl").read_bytes()
+    run_task(config, processes=2, main=False)  # resumed as process 1: checks at 12, 15, 18 and the last step, 20
     assert calls == [False] * 4
+    # only process 0 writes metrics.jsonl and draws loss.png (the run directory may be shared)
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics and not (run_dir / "loss.png").exists()
+    assert sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == [9, 20]
 
 
 @pytest.mark.parametrize("process", [0, 1])
@@ -667,10 +673,12 @@ def test_a_quiet_run_prints_nothing(corpus, tmp_path, capsys, monkeypatch):
     assert (tmp_path / "ft" / "metrics.jsonl").read_text().count('"kind": "train"') == 6
 
 
-def test_a_resumed_run_keeps_its_best_validation_loss(corpus, tmp_path, monkeypatch):
+def test_a_resumed_run_keeps_its_best_validation_loss(corpus, tmp_path, monkeypatch, capsys):
     """best/ holds the lowest validation loss across a resume: an evaluation after resuming that is worse than
     one before it, or one only as good, leaves best/ alone (validation losses scripted: 2.0 at step 2, 3.0 at step
-    4, 2.0 at step 6). The summary train() returns holds the run's last evaluation, step, parameters and tokenizer."""
+    4, 2.0 at step 6). The summary train() returns holds the run's last evaluation, step, parameters and tokenizer.
+    Each evaluation prints its step line and a sample drawn from the parameters of that step."""
+    from gpt_jax import trainer
     from gpt_jax.checkpoint import Checkpointer
     from gpt_jax.trainer import PretrainTask, train
 
@@ -681,7 +689,10 @@ def test_a_resumed_run_keeps_its_best_validation_loss(corpus, tmp_path, monkeypa
         return {**record, "val_loss": scripted[step]}, -scripted[step]
 
     monkeypatch.setattr(PretrainTask, "eval_record", eval_record)
-    run_dir, args = tmp_path / "run", ("train.eval_every=2", "train.save_every=2")
+    samples = []  # (seed, parameters) of each sample drawn
+    monkeypatch.setattr(trainer, "sample_text", lambda config, params, tokenizer, prompt, n, seed, temperature:
+                        samples.append((seed, params)) or f"a sample of {n} tokens, seed {seed}")
+    run_dir, args = tmp_path / "run", ("train.eval_every=2", "train.save_every=2", "train.sample_tokens=3")
 
     def best_step():
         ckpt = Checkpointer(run_dir, read_only=True)
@@ -691,14 +702,22 @@ def test_a_resumed_run_keeps_its_best_validation_loss(corpus, tmp_path, monkeypa
             ckpt.close()
 
     assert train(lm_config(corpus, run_dir, "train.steps=2", *args), verbose=False)["best_val"] == 2.0
-    second = train(lm_config(corpus, run_dir, "train.steps=4", *args), verbose=False)
+    capsys.readouterr()
+    second = train(lm_config(corpus, run_dir, "train.steps=4", *args))
     assert second["start_step"] == 2 and second["best_val"] == 2.0 and best_step() == [2]
+    out = capsys.readouterr().out.splitlines()
+    loss, ppl = records(run_dir)[-1]["loss"], records(run_dir, "eval")[-1]["val_ppl"]
+    at = out.index(f"step 4: train loss {loss:.4f}, val loss 3.0000 (ppl {ppl:.2f})")
+    after = [line for line in out[at + 1:] if line.strip() and not line.startswith("train:")]  # not the bar
+    assert after[0] == "a sample of 3 tokens, seed 4" and [seed for seed, _ in samples] == [2, 4]
     # what train() returns: the last evaluation, the step, the final parameters, the tokenizer, the time taken
     assert second["val_loss"] == 3.0 and second["step"] == 4 and 0 < second["seconds"] < 3600
     from gpt_jax.trainer import restore_params
 
-    for a, b in zip(jax.tree.leaves(second["params"]), jax.tree.leaves(restore_params(run_dir, "last")), strict=True):
+    for a, b, c in zip(jax.tree.leaves(second["params"]), jax.tree.leaves(restore_params(run_dir, "last")),
+                       jax.tree.leaves(samples[-1][1]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(c), np.asarray(b))  # the sample came from step 4's parameters
     assert second["tokenizer"].spec() == json.loads((run_dir / "tokenizer.json").read_text())
     # and the run let go of its directory: another process takes it at once
     assert another_process_takes(run_dir)
@@ -727,6 +746,13 @@ def test_a_run_reports_its_set_up_in_order_and_a_fine_tuning_run_without_dev_dat
     evals = records(run_dir, "eval")
     assert [(r["step"], r["epoch"]) for r in evals] == [(6, 1), (12, 2)]
     assert all(set(r) == {"kind", "step", "epoch", "train_accuracy"} for r in evals), evals
+    # each epoch's line, "(best so far)" when its accuracy beats every earlier epoch's
+    best, want = -math.inf, []
+    for r in evals:
+        want.append(f"epoch {r['epoch']}: train accuracy {r['train_accuracy']:.4f}"
+                    + (" (best so far)" if r["train_accuracy"] > best else ""))
+        best = max(best, r["train_accuracy"])
+    assert [line for line in out if line.startswith("epoch ")] == want
     assert summary["best_dev_accuracy"] is None and summary["best"] == max(r["train_accuracy"] for r in evals)
     assert summary["run_dir"] == str(run_dir) and summary["start_step"] == 0 and summary["step"] == 12
     assert summary["interrupted"] is None

@@ -391,9 +391,10 @@ def test_pmap_names_its_devices_and_keeps_one_copy_of_the_parameters_on_the_firs
     assert pmap.put_eval(np.zeros((2, 4), np.int32)).devices() == {first}
 
 
-def test_pmap_in_one_process_restores_onto_its_first_device():
+def test_pmap_in_one_process_restores_onto_its_first_device(monkeypatch):
     """A single-process pmap run restores one copy of the state onto the first local device (then
-    `place` replicates it); the replicated global sharding is only for a multi-process run."""
+    `place` replicates it); the replicated global sharding is only for a multi-process run, where every
+    array is restored whole onto every device of every process."""
     import jax
     import jax.numpy as jnp
 
@@ -407,6 +408,11 @@ def test_pmap_in_one_process_restores_onto_its_first_device():
     for got, want in zip(jax.tree.leaves(target), jax.tree.leaves(abstract)):
         assert (got.shape, got.dtype) == (want.shape, want.dtype)
         assert got.sharding == jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    monkeypatch.setattr(jax, "process_count", lambda: 2)  # as process 0 of two
+    target = pmap.restore_target(abstract)
+    for got, want in zip(jax.tree.leaves(target), jax.tree.leaves(abstract), strict=True):
+        assert (got.shape, got.dtype) == (want.shape, want.dtype)
+        assert got.sharding.is_fully_replicated and got.sharding.device_set == set(jax.devices())
 
 
 def test_the_pmap_step_donates_the_state_and_only_the_state():
