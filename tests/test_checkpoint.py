@@ -430,3 +430,27 @@ def test_unreadable_checkpoint_falls_back_with_one_line(tmp_path, damage):
     assert proc.stdout.strip() == "1" and (tmp_path / "corrupt" / "checkpoints-2").is_dir(), proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "checkpoint at step 2" in lines[0] and "moved it to" in lines[0], proc.stderr[-3000:]
+
+
+def test_arrays_that_fail_to_read_name_the_error_and_the_machine_s_trouble_passes_through():
+    """When orbax fails on the arrays themselves (after their metadata read), the checkpoint is unreadable for
+    the reason orbax gave: its type and the first 200 characters of its text. Out of memory, a permission
+    refused and XLA's own errors are the machine's trouble, not the checkpoint's, and pass through unchanged."""
+    from gpt_jax.checkpoint import Checkpointer, _Unreadable
+
+    class Manager:
+        def __init__(self, error):
+            self.error = error
+
+        def restore(self, step, args):
+            raise self.error
+
+    with pytest.raises(_Unreadable) as unreadable:
+        Checkpointer._read_state(Manager(ValueError("chunk 3 of h.0.attn " + "x" * 300)), 7, {})
+    assert str(unreadable.value) == "ValueError: chunk 3 of h.0.attn " + "x" * (200 - len("chunk 3 of h.0.attn "))
+    import jax
+
+    for error in (MemoryError("out of memory"), PermissionError("denied"), jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED")):
+        with pytest.raises(type(error)) as passed:
+            Checkpointer._read_state(Manager(error), 7, {})
+        assert passed.value is error

@@ -126,6 +126,20 @@ def test_python_stdlib_corpus_is_fixed_and_local_and_leaves_out_tests(tmp_path):
     assert resolve_source("python-stdlib", tmp_path) == files
 
 
+def test_python_stdlib_corpus_leaves_out_each_folder_of_installed_packages_and_tests(tmp_path, monkeypatch):
+    import sysconfig
+
+    root = tmp_path / "lib"
+    keep = ["a.py", "json/decoder.py", "json/z.py", "lib2to3/fixes/fix_x.py"]
+    skip = ["site-packages/p.py", "dist-packages/q/r.py", "test/test_x.py", "tests/t.py", "idlelib/idle_test/i.py",
+            "json/__pycache__/decoder.py", "sqlite3/test/s.py"]
+    for name in keep + skip + ["README.txt", "json/decoder.pyc"]:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text("x = 1\n")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(root)})
+    assert stdlib_files() == [root / name for name in sorted(keep)]
+
+
 def test_sentencepiece_trained_on_the_corpus(tmp_path):
     src = tmp_path / "s.txt"
     src.write_text(data_path("tinyshakespeare", "input.txt").read_text()[:200_000])
@@ -142,7 +156,7 @@ def test_sentencepiece_trained_on_the_corpus(tmp_path):
     assert given.tokenizer.encode("To be, or not") == prepared.tokenizer.encode("To be, or not")
 
 
-def test_bad_sources(tmp_path):
+def test_bad_sources(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="does not exist: give a text file, a directory, a glob, a URL, or 'python-stdlib'"):
         prepare(cfg(tmp_path, tmp_path / "missing.txt"), verbose=False)
     (tmp_path / "empty.txt").write_text("")
@@ -155,11 +169,12 @@ def test_bad_sources(tmp_path):
     (tmp_path / "one.txt").write_text("x")
     with pytest.raises(DataError, match="both splits"):
         prepare(cfg(tmp_path, tmp_path / "one.txt"), verbose=False)
-    if os.getuid() != 0:  # root reads everything
-        (tmp_path / "locked.txt").write_text("secret")
-        os.chmod(tmp_path / "locked.txt", 0)
-        with pytest.raises(DataError, match="not readable"):
-            prepare(cfg(tmp_path, tmp_path / "locked.txt"), verbose=False)
+    (tmp_path / "locked.txt").write_text("secret")
+    os.chmod(tmp_path / "locked.txt", 0)
+    if os.getuid() == 0:  # root reads everything: as a user would see it
+        monkeypatch.setattr(data_mod.os, "access", lambda path, mode: Path(path).name != "locked.txt")
+    with pytest.raises(DataError, match=f"^data source file {re.escape(str(tmp_path / 'locked.txt'))} is not readable$"):
+        prepare(cfg(tmp_path, tmp_path / "locked.txt"), verbose=False)
 
 
 TOKENS = np.arange(10_000, dtype=np.uint16)
@@ -259,12 +274,20 @@ def test_url_source_is_downloaded_once_into_the_cache(tmp_path):
         (served / "corpus.txt").write_text(line * 300)
         first = prepare(cfg(tmp_path, url), verbose=False)  # the failed try does not get in the way
         second = prepare(cfg(tmp_path, url), verbose=False)
+        (tmp_path / "local.txt").write_text(line)
+        listed = resolve_source([str(tmp_path / "local.txt"), url], tmp_path / "cache")  # a URL in a list: cached too
     finally:
         server.shutdown()
     assert hits == ["/corpus.txt"] * 2 and second.dir == first.dir
+    assert listed == [tmp_path / "local.txt", Path(first.manifest["files"][0]["path"])]
     assert first.manifest["train_tokens"] + first.manifest["val_tokens"] == len(line) * 300
     downloaded = Path(first.manifest["files"][0]["path"])
-    assert downloaded.is_relative_to(tmp_path / "cache") and first.dir.name.startswith("corpus-char-")
+    assert first.dir.name.startswith("corpus-char-")
+    # one folder per URL (the first 16 hex digits of its SHA-256) under the cache's downloads/, the URL's file name
+    import hashlib
+
+    folder = hashlib.sha256(url.encode()).hexdigest()[:16]
+    assert downloaded == tmp_path / "cache" / "downloads" / folder / "corpus.txt"
     assert not list(tmp_path.rglob("*.part"))
     with pytest.raises(DataError, match="could not download https://"):
         resolve_source("https://127.0.0.1:9/corpus.txt", tmp_path)
