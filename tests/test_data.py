@@ -27,6 +27,8 @@ def test_char_split_matches_nanogpt_counts(tmp_path):
     assert m["files"][0]["sha256"] and m["tokenizer"]["kind"] == "char"
     text = data_path("tinyshakespeare", "input.txt").read_text()
     assert prepared.tokenizer.decode(prepared.tokens("val")[:50]) == text[counts["train_tokens"]:][:50]
+    # beside the tokens, the character vocabulary: every character of the text once, in sorted order
+    assert json.loads((prepared.dir / "tokenizer.json").read_text()) == {"kind": "char", "chars": "".join(sorted(set(text)))}
 
 
 def test_gpt2_bpe_counts_and_chunking_do_not_change_tokens(tmp_path, monkeypatch):
@@ -87,8 +89,8 @@ def test_a_list_of_sources_is_one_corpus_in_the_listed_order(tmp_path):
         path.parent.mkdir()
         path.write_text(text)
     assert resolve_source([str(b), str(tmp_path / "x" / "*.txt")], tmp_path) == [b, a]  # listed order, not sorted
-    kw = dict(tokenizer="gpt2", tokenizer_path=str(data_path("gpt2-bpe")), val_fraction=0.25,
-              cache_dir=str(tmp_path / "cache"))
+    data_path("gpt2-bpe")  # no tokenizer_path: the GPT-2 BPE files are found in $GPT_JAX_DATA/gpt2-bpe
+    kw = dict(tokenizer="gpt2", val_fraction=0.25, cache_dir=str(tmp_path / "cache"))
     prepared = prepare(DataConfig(source=[str(b), str(a)], **kw), verbose=False)
     train, val = list(prepared.tokens("train")), list(prepared.tokens("val"))
     assert train.count(50256) == 1 and val.count(50256) == 1  # after each file (the last one ends val)
@@ -99,7 +101,8 @@ def test_a_list_of_sources_is_one_corpus_in_the_listed_order(tmp_path):
     assert [f["path"] for f in prepared.manifest["files"]] == [str(b), str(a)]
     # the same files in another order are another corpus (another cache entry)
     assert prepare(DataConfig(source=[str(a), str(b)], **kw), verbose=False).dir != prepared.dir
-    with pytest.raises(DataError, match="empty list"):
+    with pytest.raises(DataError, match="^data.source is an empty list: name at least one text file, directory, glob "
+                                        "or URL$"):
         resolve_source([], tmp_path)
     with pytest.raises(DataError, match="more than once"):
         resolve_source([str(a), str(tmp_path / "x")], tmp_path)
@@ -312,8 +315,11 @@ def test_a_download_from_a_server_that_stops_answering_fails_with_one_line(tmp_p
 def test_progress_is_on_stdout_when_verbose_and_the_command_line_prints_the_counts(tmp_path, capsys):
     src = tmp_path / "reviews.txt"
     src.write_text("It's GOOD!<br />Yes.\n" * 50)  # 1,000 characters
-    prepare(cfg(tmp_path, src, normalize="sst"), verbose=False)
+    prepared = prepare(cfg(tmp_path, src, normalize="sst"), verbose=False)
     assert capsys.readouterr() == ("", "")
+    # the normalised copies the tokens were made from are gone; the cache holds the tokens, the vocabulary, the manifest
+    assert sorted(p.name for p in prepared.dir.iterdir()) == ["manifest.json", "tokenizer.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [prepared.dir.name]
     assert data_mod.main([str(src), "--normalize", "sst", "--cache-dir", str(tmp_path / "cli")]) == 0
     out, err = capsys.readouterr()
     assert "normalizing (sst): 100%" in out and "tokenizing reviews: 100%" in out and err == ""
@@ -359,3 +365,23 @@ def test_eval_batches_are_as_many_as_one_epoch_holds_and_never_read_a_token_twic
     parts = [eval_batches(TOKENS, 16, 8, 3, process_index=p, process_count=4) for p in range(4)]
     for i, batch in enumerate(whole):
         np.testing.assert_array_equal(np.concatenate([part[i] for part in parts]), batch)
+
+
+def test_a_preparation_cut_off_midway_leaves_no_trace_in_the_next(tmp_path, monkeypatch):
+    """A preparation that dies after it started writing (here: its split fails) leaves its unfinished folder;
+    the next preparation of the same corpus clears it and starts again, and the cache ends up with one entry."""
+    src = tmp_path / "corpus.txt"
+    src.write_text("one line of text\n" * 100)
+
+    def cut_off(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(data_mod, "_split_point", cut_off)
+        with pytest.raises(KeyboardInterrupt):
+            prepare(cfg(tmp_path, src), verbose=False)
+    left = list((tmp_path / "cache").iterdir())
+    assert len(left) == 1 and (left[0] / "tokenizer.json").is_file()  # the unfinished folder, part written
+    prepared = prepare(cfg(tmp_path, src), verbose=False)
+    assert prepared.manifest["train_tokens"] + prepared.manifest["val_tokens"] == 1700
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [prepared.dir.name]
