@@ -385,3 +385,30 @@ def test_a_preparation_cut_off_midway_leaves_no_trace_in_the_next(tmp_path, monk
     prepared = prepare(cfg(tmp_path, src), verbose=False)
     assert prepared.manifest["train_tokens"] + prepared.manifest["val_tokens"] == 1700
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [prepared.dir.name]
+
+
+def test_the_split_falls_inside_a_middle_file_and_the_files_after_it_are_val(tmp_path):
+    """Three files of 100 bytes, val_fraction 0.5: val starts 50 bytes into the second file and holds the
+    whole third file."""
+    files = [tmp_path / f"{i}.txt" for i in range(3)]
+    for f, letter in zip(files, "abc"):
+        f.write_text(letter * 99 + "\n")
+    prepared = prepare(DataConfig(source=[str(f) for f in files], cache_dir=str(tmp_path / "cache"), val_fraction=0.5),
+                       verbose=False)
+    decode = prepared.tokenizer.decode
+    assert decode(list(prepared.tokens("train"))) == "a" * 99 + "\n" + "b" * 50
+    assert decode(list(prepared.tokens("val"))) == "b" * 49 + "\n" + "c" * 99 + "\n"
+
+
+@pytest.mark.parametrize("vocab, dtype", [(1 << 16, "uint16"), ((1 << 16) + 1, "uint32")])
+def test_token_ids_past_65535_are_stored_in_uint32(tmp_path, vocab, dtype):
+    """A character vocabulary of 65,536 ids (0 to 65535) fits uint16; one more needs uint32, and every id
+    reads back as written."""
+    chars = [chr(c) for c in range(0x100, 0x30000) if not 0xD800 <= c <= 0xDFFF][: vocab - 1]  # and "\n"
+    text = "".join("".join(chars[i: i + 1000]) + "\n" for i in range(0, len(chars), 1000))  # lines of 1000
+    src = tmp_path / "wide.txt"
+    src.write_text(text, encoding="utf-8")
+    prepared = prepare(cfg(tmp_path, src, val_fraction=0.01), verbose=False)
+    assert prepared.tokenizer.vocab_size == vocab and prepared.manifest["dtype"] == dtype
+    ids = np.concatenate([prepared.tokens("train"), prepared.tokens("val")])
+    assert prepared.tokenizer.decode(list(ids)) == text and int(ids.max()) == vocab - 1
