@@ -97,6 +97,7 @@ def test_a_list_of_sources_is_one_corpus_in_the_listed_order(tmp_path):
     tok = prepared.tokenizer
     assert tok.decode(train[: train.index(50256)]) == "a review line\n" * 40
     assert tok.decode(train[train.index(50256) + 1:] + val[:-1]) == "a book line\n" * 40  # val: the last quarter
+    assert (prepared.manifest["train_tokens"], prepared.manifest["val_tokens"]) == (len(train), len(val))  # with the EOTs
     assert prepared.manifest["source"] == [str(b), str(a)]
     assert [f["path"] for f in prepared.manifest["files"]] == [str(b), str(a)]
     # the same files in another order are another corpus (another cache entry)
@@ -172,6 +173,10 @@ def test_bad_sources(tmp_path, monkeypatch):
     (tmp_path / "one.txt").write_text("x")
     with pytest.raises(DataError, match="both splits"):
         prepare(cfg(tmp_path, tmp_path / "one.txt"), verbose=False)
+    assert not list((tmp_path / "cache").glob("one-*"))  # nothing of it is left in the cache
+    (tmp_path / "ten.txt").write_text("abcdefghi\n")  # one token of val is enough here (training asks for more)
+    assert [prepare(cfg(tmp_path, tmp_path / "ten.txt"), verbose=False).manifest[k] for k in ("train_tokens", "val_tokens")] \
+        == [9, 1]
     (tmp_path / "locked.txt").write_text("secret")
     os.chmod(tmp_path / "locked.txt", 0)
     if os.getuid() == 0:  # root reads everything: as a user would see it
