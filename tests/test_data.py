@@ -24,7 +24,12 @@ def test_char_split_matches_nanogpt_counts(tmp_path):
     assert (m["train_tokens"], m["val_tokens"], m["vocab_size"]) == (counts["train_tokens"], counts["val_tokens"], 65)
     assert m["dtype"] == "uint16" and len(prepared.tokens("train")) == counts["train_tokens"]
     assert not prepared.tokens("train").flags.writeable  # the cache is never written through
-    assert m["files"][0]["sha256"] and m["tokenizer"]["kind"] == "char"
+    assert m["tokenizer"]["kind"] == "char" and m["version"] == data_mod.FORMAT_VERSION
+    source = data_path("tinyshakespeare", "input.txt")
+    import hashlib
+
+    assert m["files"] == [{"path": str(source), "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+                           "bytes": source.stat().st_size}]
     text = data_path("tinyshakespeare", "input.txt").read_text()
     assert prepared.tokenizer.decode(prepared.tokens("val")[:50]) == text[counts["train_tokens"]:][:50]
     # beside the tokens, the character vocabulary: every character of the text once, in sorted order
@@ -150,6 +155,7 @@ def test_sentencepiece_trained_on_the_corpus(tmp_path):
     prepared = prepare(cfg(tmp_path, src, tokenizer="sentencepiece", sentencepiece_vocab_size=500), verbose=False)
     assert prepared.tokenizer.vocab_size == 500 and prepared.manifest["tokenizer"]["kind"] == "sentencepiece"
     assert (prepared.dir / "tokenizer.model").is_file()
+    assert prepared.tokenizer.spec() == {"kind": "sentencepiece", "path": str((prepared.dir / "tokenizer.model").resolve())}
     again = prepare(cfg(tmp_path, src, tokenizer="sentencepiece", sentencepiece_vocab_size=500), verbose=False)
     assert again.tokenizer.encode("To be, or not") == prepared.tokenizer.encode("To be, or not")
     other = tmp_path / "o.txt"
@@ -171,7 +177,9 @@ def test_bad_sources(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="set data.source to the local file path"):
         prepare(cfg(tmp_path, "http://127.0.0.1:9/corpus.txt"), verbose=False)
     (tmp_path / "one.txt").write_text("x")
-    with pytest.raises(DataError, match="both splits"):
+    with pytest.raises(DataError, match=re.escape(f"data.source {str(tmp_path / 'one.txt')!r} gave 0 train and 1 val "
+                                                  "tokens; it needs text in both splits (use more text or another "
+                                                  "data.val_fraction)")):
         prepare(cfg(tmp_path, tmp_path / "one.txt"), verbose=False)
     assert not list((tmp_path / "cache").glob("one-*"))  # nothing of it is left in the cache
     (tmp_path / "ten.txt").write_text("abcdefghi\n")  # one token of val is enough here (training asks for more)
@@ -390,6 +398,9 @@ def test_a_preparation_cut_off_midway_leaves_no_trace_in_the_next(tmp_path, monk
     prepared = prepare(cfg(tmp_path, src), verbose=False)
     assert prepared.manifest["train_tokens"] + prepared.manifest["val_tokens"] == 1700
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [prepared.dir.name]
+    (prepared.dir / "manifest.json").unlink()  # an entry without its manifest (cut off while renaming, or edited)
+    again = prepare(cfg(tmp_path, src), verbose=False)
+    assert again.dir == prepared.dir and again.manifest == prepared.manifest
 
 
 def test_the_split_falls_inside_a_middle_file_and_the_files_after_it_are_val(tmp_path):
