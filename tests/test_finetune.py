@@ -39,6 +39,9 @@ def test_special_tokens_grow_the_embedding_and_leave_the_model_unchanged():
     # an explicit std scales the same draws: N(0, std) from the same key
     _, scaled, _ = add_special_tokens(config, params, jax.random.key(1), std=0.5)
     np.testing.assert_allclose(scaled["wte"]["embedding"][V:], 25 * new[V:], rtol=1e-6)
+    # the new rows take the embedding's dtype (a half-precision checkpoint stays half precision)
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
+    assert add_special_tokens(config, half, jax.random.key(1))[1]["wte"]["embedding"].dtype == jnp.bfloat16
     tokens = jnp.array([[1, 2, 3, 4, 5]])
     # ordinary text gives the same logits over the old vocabulary (the output layer is tied)
     np.testing.assert_allclose(GPT(grown_config).apply({"params": grown}, tokens)[..., :V],
