@@ -4,6 +4,7 @@ evaluation (sliding-window perplexity, likelihood choice)."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -136,6 +137,25 @@ def test_similarity_is_symmetric_and_choices_are_permutation_equivariant():
     s1, _ = forward(config, "multiple_choice", params, one.tokens, one.lengths)
     s2, _ = forward(config, "multiple_choice", params, two.tokens, two.lengths)
     np.testing.assert_allclose(s2[0], s1[0][np.array([2, 0, 1])], rtol=1e-5, atol=1e-6)
+
+
+def test_a_training_forward_pass_applies_the_transformer_s_dropout_and_an_evaluation_none():
+    """Fine-tuning trains with the GPT's own dropout too, not only the classifier's: with resid_pdrop = 0.5 (and
+    no classifier dropout) two training passes with other keys give other outputs. An evaluation (the default,
+    deterministic, also in `losses`) uses every unit: the same outputs every time."""
+    base = tiny(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.5)
+    config, gpt, ids = add_special_tokens(base, init_params(base, jax.random.key(0)), jax.random.key(1))
+    params = {"gpt": gpt, "head": init_head(config, 2, jax.random.key(3))}
+    tokens, lengths = jnp.array([[[ids.start, 1, 2, 3, ids.classify]]]), jnp.array([[5]])
+    a, lm_a = forward(config, "classification", params, tokens, lengths, deterministic=False, rng=jax.random.key(5))
+    b, lm_b = forward(config, "classification", params, tokens, lengths, deterministic=False, rng=jax.random.key(6))
+    assert not np.allclose(a, b) and not np.allclose(lm_a, lm_b)
+    evaluated, lm = forward(config, "classification", params, tokens, lengths)
+    again, _ = forward(config, "classification", params, tokens, lengths)
+    np.testing.assert_array_equal(evaluated, again)
+    batch = {"tokens": tokens, "lengths": lengths, "labels": jnp.array([1]), "weight": jnp.array([1.0]),
+             "lm_weight": jnp.array([0.25])}
+    np.testing.assert_array_equal(losses(config, "classification", params, batch)[2], evaluated)
 
 
 def test_bad_task_files_name_file_and_line(tmp_path):
@@ -306,8 +326,19 @@ def test_init_from_a_hugging_face_directory_and_reinit(tmp_path):
     cfg = load_config(None, ["mode=finetune", f"finetune.init_from={tmp_path / 'hf'}", "finetune.reinit=true"])
     _, fresh, _ = load_base(cfg.finetune, cfg, jax.random.key(0))
     assert not np.allclose(fresh["wte"]["embedding"], params["wte"]["embedding"])
+    (tmp_path / "weights.bin").write_bytes(b"not a folder")
+    cfg = load_config(None, ["mode=finetune", f"finetune.init_from={tmp_path / 'weights.bin'}"])
+    with pytest.raises(ConfigError, match=re.escape(
+            f"finetune.init_from={tmp_path / 'weights.bin'} is not a directory; give a training run directory, a Hugging "
+            "Face GPT-2 / OpenAI-GPT directory, or a model name (gpt2, openai-gpt, ...)")):
+        load_base(cfg.finetune, cfg, jax.random.key(0))
     cfg = load_config(None, ["mode=finetune", f"finetune.init_from={tmp_path / 'nothing'}"])
     with pytest.raises(Exception, match="is not a directory"):
+        load_base(cfg.finetune, cfg, jax.random.key(0))
+    (tmp_path / "hf" / "finetune.json").write_text("{}")  # as a fine-tuning run's folder has
+    cfg = load_config(None, ["mode=finetune", f"finetune.init_from={tmp_path / 'hf'}"])
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(tmp_path / 'hf'))} is a fine-tuning run; init_from takes a "
+                                          "pretrained model$"):
         load_base(cfg.finetune, cfg, jax.random.key(0))
 
 
