@@ -2,6 +2,7 @@
 OpenAIGPTDoubleHeadsModel, bad task files, an SST-2 run that beats chance, predict, and zero-shot
 evaluation (sliding-window perplexity, likelihood choice)."""
 
+import dataclasses
 import json
 import math
 import re
@@ -141,20 +142,20 @@ def test_similarity_is_symmetric_and_choices_are_permutation_equivariant():
 
 def test_a_training_forward_pass_applies_the_transformer_s_dropout_and_an_evaluation_none():
     """Fine-tuning trains with the GPT's own dropout too, not only the classifier's: with resid_pdrop = 0.5 (and
-    no classifier dropout) two training passes with other keys give other outputs. An evaluation (the default,
-    deterministic, also in `losses`) uses every unit: the same outputs every time."""
-    base = tiny(embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.5)
-    config, gpt, ids = add_special_tokens(base, init_params(base, jax.random.key(0)), jax.random.key(1))
+    no classifier dropout) two copies of one example get other outputs in a training pass. An evaluation (the
+    default, deterministic, also in `losses`) uses every unit: the same outputs for both."""
+    base = tiny()
+    grown, gpt, ids = add_special_tokens(base, init_params(base, jax.random.key(0)), jax.random.key(1))
+    config = dataclasses.replace(grown, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.5)
     params = {"gpt": gpt, "head": init_head(config, 2, jax.random.key(3))}
-    tokens, lengths = jnp.array([[[ids.start, 1, 2, 3, ids.classify]]]), jnp.array([[5]])
-    a, lm_a = forward(config, "classification", params, tokens, lengths, deterministic=False, rng=jax.random.key(5))
-    b, lm_b = forward(config, "classification", params, tokens, lengths, deterministic=False, rng=jax.random.key(6))
-    assert not np.allclose(a, b) and not np.allclose(lm_a, lm_b)
+    # the same example twice: each row draws its own dropout masks in training, none in evaluation
+    tokens, lengths = jnp.array([[[ids.start, 1, 2, 3, ids.classify]]] * 2), jnp.array([[5]] * 2)
+    trained, lm = forward(config, "classification", params, tokens, lengths, deterministic=False, rng=jax.random.key(5))
+    assert not np.allclose(trained[0], trained[1]) and not np.allclose(lm[0], lm[1])
     evaluated, lm = forward(config, "classification", params, tokens, lengths)
-    again, _ = forward(config, "classification", params, tokens, lengths)
-    np.testing.assert_array_equal(evaluated, again)
-    batch = {"tokens": tokens, "lengths": lengths, "labels": jnp.array([1]), "weight": jnp.array([1.0]),
-             "lm_weight": jnp.array([0.25])}
+    np.testing.assert_array_equal(evaluated[0], evaluated[1])
+    batch = {"tokens": tokens, "lengths": lengths, "labels": jnp.array([1, 1]), "weight": jnp.array([0.5, 0.5]),
+             "lm_weight": jnp.array([0.125, 0.125])}
     np.testing.assert_array_equal(losses(config, "classification", params, batch)[2], evaluated)
 
 
