@@ -143,7 +143,8 @@ def test_similarity_is_symmetric_and_choices_are_permutation_equivariant():
 def test_a_training_forward_pass_applies_the_transformer_s_dropout_and_an_evaluation_none():
     """Fine-tuning trains with the GPT's own dropout too, not only the classifier's: with resid_pdrop = 0.5 (and
     no classifier dropout) two copies of one example get other outputs in a training pass. An evaluation (the
-    default, deterministic, also in `losses`) uses every unit: the same outputs for both."""
+    default, deterministic, also in `losses`) uses every unit: the same outputs for both. The classifier's
+    dropout zeroes the state it reads, the rest scaled up."""
     base = tiny()
     grown, gpt, ids = add_special_tokens(base, init_params(base, jax.random.key(0)), jax.random.key(1))
     config = dataclasses.replace(grown, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.5)
@@ -157,6 +158,16 @@ def test_a_training_forward_pass_applies_the_transformer_s_dropout_and_an_evalua
     batch = {"tokens": tokens, "lengths": lengths, "labels": jnp.array([1, 1]), "weight": jnp.array([0.5, 0.5]),
              "lm_weight": jnp.array([0.125, 0.125])}
     np.testing.assert_array_equal(losses(config, "classification", params, batch)[2], evaluated)
+    # the classifier's own dropout, inverted at clf_pdrop: through an identity head each output is the evaluation's
+    # state divided by 1 - p, or 0 (kept with probability 0.75: 2 x n_embd draws, the bounds are 4 standard errors)
+    plain = dataclasses.replace(grown, embd_pdrop=0.0, attn_pdrop=0.0, resid_pdrop=0.0)
+    eye = {"gpt": gpt, "head": {"kernel": jnp.eye(plain.n_embd), "bias": jnp.zeros(plain.n_embd)}}
+    state, _ = forward(plain, "classification", eye, tokens, lengths)
+    dropped, _ = forward(plain, "classification", eye, tokens, lengths, deterministic=False, rng=jax.random.key(7),
+                         clf_pdrop=0.25)
+    kept = np.asarray(dropped) != 0
+    np.testing.assert_allclose(np.where(kept, dropped, 0), np.where(kept, np.asarray(state) / 0.75, 0), rtol=1e-5)
+    assert abs(kept.mean() - 0.75) < 4 * np.sqrt(0.75 * 0.25 / kept.size), kept.mean()
 
 
 def test_bad_task_files_name_file_and_line(tmp_path):
