@@ -336,6 +336,18 @@ def take_results(work: Path, meta: dict, source: Path) -> None:
     print(f"{source}: {taken} results taken, {stale} for mutants that changed or are not in this pass")
 
 
+def save_results(work: Path, dest: Path) -> None:
+    """Merge this pass's results into `dest` (the committed copy): a mutant in both takes this pass's
+    result, the others keep theirs, so a pass over some modules leaves the other modules' results alone."""
+    mine = {}
+    for line in (work / "results.jsonl").read_text().splitlines():
+        mine[json.loads(line)["mutant"]] = line
+    lines = dest.read_text().splitlines() if dest.exists() else []
+    kept = [mine.pop(json.loads(line)["mutant"], line) for line in lines]
+    dest.write_text("\n".join(kept + list(mine.values())) + "\n")
+    print(f"{dest}: {len(kept)} results kept or replaced, {len(mine)} added")
+
+
 VERDICTS = ROOT / "tools" / "mutation_verdicts.tsv"
 
 
@@ -392,6 +404,8 @@ def main(argv=None) -> int:
                         help="take an earlier pass's results for the mutants that are still the same change")
     parser.add_argument("--fresh", action="store_true", help="start again in a --work that holds another pass")
     parser.add_argument("--report", action="store_true", help="print the counts so far and stop")
+    parser.add_argument("--save", type=Path, metavar="JSONL",
+                        help="merge this pass's results into JSONL (e.g. tools/mutation_results.jsonl) and stop")
     parser.add_argument("--show", nargs="*", metavar="MODULE",
                         help="print every mutant not killed so far (of these modules), with its diff, and stop")
     args = parser.parse_args(argv)
@@ -406,7 +420,10 @@ def main(argv=None) -> int:
     except ImportError:
         parser.error("mutmut is not installed; pip install mutmut==3.8.1")
     meta = prepare(work, args.modules, args.tests, fresh=args.fresh,
-                   readonly=args.report or args.show is not None)
+                   readonly=args.report or args.show is not None or args.save is not None)
+    if args.save:
+        save_results(work, args.save)
+        return 0
     if args.report:
         report(work, meta)
         return 0
