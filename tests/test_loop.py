@@ -668,9 +668,12 @@ def test_a_quiet_run_prints_nothing(corpus, tmp_path, capsys, monkeypatch):
         train(lm_config(corpus, tmp_path / "run", "train.steps=2", "train.eval_every=2", "model.n_layer=3"), verbose=False)
     RunLock(tmp_path / "run").release()
     assert refused.tb is not None
-    train(ft_config(corpus, tmp_path / "ft", "finetune.epochs=1"), verbose=False)  # fine-tuning too
+    quiet = ("finetune.epochs=1", "finetune.dropout=null", "model.attn_pdrop=0.05")  # fine-tuning too
+    m = train(ft_config(corpus, tmp_path / "ft", *quiet), verbose=False)["model"]
     assert capsys.readouterr().out == ""
     assert (tmp_path / "ft" / "metrics.jsonl").read_text().count('"kind": "train"') == 6
+    base = ft_config(corpus, tmp_path / "ft", *quiet).model  # finetune.dropout null keeps the model's rates
+    assert (m.embd_pdrop, m.attn_pdrop, m.resid_pdrop) == (base.embd_pdrop, 0.05, base.resid_pdrop)
 
 
 def test_a_resumed_run_keeps_its_best_validation_loss(corpus, tmp_path, monkeypatch, capsys):
@@ -733,7 +736,7 @@ def test_a_run_reports_its_set_up_in_order_and_a_fine_tuning_run_without_dev_dat
     epoch's record holds the train accuracy alone, and that picks the best checkpoint."""
     from gpt_jax.trainer import train
 
-    run_dir, args = tmp_path / "ft", ("finetune.dev_file=", "parallel.strategy=mesh")
+    run_dir, args = tmp_path / "ft", ("finetune.dev_file=", "parallel.strategy=mesh", "finetune.dropout=0.25")
     capsys.readouterr()
     summary = train(ft_config(corpus, run_dir, *args))
     out = capsys.readouterr().out.splitlines()
@@ -755,6 +758,8 @@ def test_a_run_reports_its_set_up_in_order_and_a_fine_tuning_run_without_dev_dat
     assert [line for line in out if line.startswith("epoch ")] == want
     assert summary["best_dev_accuracy"] is None and summary["best"] == max(r["train_accuracy"] for r in evals)
     assert summary["run_dir"] == str(run_dir) and summary["start_step"] == 0 and summary["step"] == 12
+    m = summary["model"]  # finetune.dropout sets the transformer's three dropout rates
+    assert (m.embd_pdrop, m.attn_pdrop, m.resid_pdrop) == (0.25, 0.25, 0.25)
     assert summary["interrupted"] is None
     again = train(ft_config(corpus, run_dir, *args), verbose=False)
     assert again["run_dir"] == str(run_dir) and again["start_step"] == again["step"] == 12
