@@ -380,7 +380,8 @@ def test_transfer_layers_takes_the_first_blocks_and_initialises_the_rest(tmp_pat
         got = initial_gpt_params(f"finetune.transfer_layers={n}")
         np.testing.assert_array_equal(got["wte"]["embedding"][:V], params["wte"]["embedding"])  # + 3 special rows
         np.testing.assert_array_equal(got["wpe"]["embedding"], params["wpe"]["embedding"])
-        for g, p, f in zip(jax.tree.leaves(got["h"]), jax.tree.leaves(params["h"]), jax.tree.leaves(fresh["h"])):
+        for g, p, f in zip(jax.tree.leaves(got["h"]), jax.tree.leaves(params["h"]), jax.tree.leaves(fresh["h"]),
+                           strict=True):  # every block leaf is there
             np.testing.assert_array_equal(g[:n], p[:n])
             np.testing.assert_array_equal(g[n:], f[n:])
             assert not np.any(np.isclose(f[n:], p[n:]))
