@@ -1,3 +1,4 @@
+import hashlib
 import json
 import os
 import re
@@ -26,8 +27,6 @@ def test_char_split_matches_nanogpt_counts(tmp_path):
     assert not prepared.tokens("train").flags.writeable  # the cache is never written through
     assert m["tokenizer"]["kind"] == "char" and m["version"] == data_mod.FORMAT_VERSION
     source = data_path("tinyshakespeare", "input.txt")
-    import hashlib
-
     assert m["files"] == [{"path": str(source), "sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
                            "bytes": source.stat().st_size}]
     text = data_path("tinyshakespeare", "input.txt").read_text()
@@ -300,8 +299,6 @@ def test_url_source_is_downloaded_once_into_the_cache(tmp_path):
     downloaded = Path(first.manifest["files"][0]["path"])
     assert first.dir.name.startswith("corpus-char-")
     # one folder per URL (the first 16 hex digits of its SHA-256) under the cache's downloads/, the URL's file name
-    import hashlib
-
     folder = hashlib.sha256(url.encode()).hexdigest()[:16]
     assert downloaded == tmp_path / "cache" / "downloads" / folder / "corpus.txt"
     assert not list(tmp_path.rglob("*.part"))
