@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import struct
+import time
 from pathlib import Path
 
 from gpt_jax.rundir import drop_torn_line, read_jsonl
@@ -14,11 +18,9 @@ class MetricsLog:
     def __init__(self, run_dir: Path, enabled: bool):
         self.enabled = enabled
         if enabled:
-            from tensorboardX import SummaryWriter
-
             drop_torn_line(run_dir / "metrics.jsonl")  # a writer that died mid-line
             self.file = open(run_dir / "metrics.jsonl", "a")
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            self.tb = EventWriter(run_dir / "tensorboard")
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -27,12 +29,83 @@ class MetricsLog:
         self.file.flush()
         for k, v in record.items():
             if k not in ("step", "kind") and isinstance(v, (int, float)):
-                self.tb.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+                self.tb.scalar(f"{record['kind']}/{k}", v, record["step"])
+        self.tb.flush()
 
     def close(self):
         if self.enabled:
             self.file.close()
             self.tb.close()
+
+
+def _crc32c_table() -> list[int]:
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC32C = _crc32c_table()
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli), the checksum of TFRecord files."""
+    c = 0xFFFFFFFF
+    for b in data:
+        c = _CRC32C[(c ^ b) & 0xFF] ^ (c >> 8)
+    return c ^ 0xFFFFFFFF
+
+
+def _masked_crc(data: bytes) -> bytes:
+    c = crc32c(data)
+    return struct.pack("<I", (((c >> 15) | (c << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        if not n:
+            return bytes(out + bytes([byte]))
+        out.append(byte | 0x80)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+class EventWriter:
+    """TensorBoard scalars, written directly: a TFRecord file of `Event` protocol buffers (wall_time = 1,
+    step = 2, file_version = 3, summary = 5; Summary.value = 1; Value.tag = 1, simple_value = 2), the
+    format TensorBoard reads. No TensorFlow, tensorboardX or protobuf package, so a run does not pay for
+    importing torch where it is installed. One file per writer, as TensorBoard expects of a resumed run."""
+
+    def __init__(self, folder: Path):
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self.file = open(folder / name, "ab")
+        self._event(0, _field(3, b"brain.Event:2"))
+
+    def _event(self, step: int, payload: bytes) -> None:
+        if step < 0:
+            raise ValueError(f"step {step} is negative")
+        data = b"\x09" + struct.pack("<d", time.time()) + b"\x10" + _varint(step) + payload
+        header = struct.pack("<Q", len(data))
+        self.file.write(header + _masked_crc(header) + data + _masked_crc(data))
+
+    def scalar(self, tag: str, value: float, step: int) -> None:
+        value_proto = _field(1, tag.encode()) + b"\x15" + struct.pack("<f", value)
+        self._event(step, _field(5, _field(1, value_proto)))
+
+    def flush(self) -> None:
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
 
 
 def plot_losses(run_dir: Path) -> Path | None:

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, data_path
@@ -79,6 +80,53 @@ def test_end_to_end_run_writes_everything(reference_run):
     assert any((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit()) == ["25", "30"]  # keep 2
     assert any(p.name.isdigit() for p in (run_dir / "best").iterdir())
+
+
+def test_tensorboard_reads_every_logged_number_of_the_run(reference_run):
+    """The events file, read by TensorBoard's own loader, holds each metrics.jsonl number at its step."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        pytest.skip("tensorboard is not installed (pip install -e '.[test]')")
+    run_dir = reference_run[0]
+    (events,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    want = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        for k, v in r.items():
+            if k not in ("step", "kind") and isinstance(v, (int, float)):
+                want.setdefault(f"{r['kind']}/{k}", []).append((r["step"], v))
+    assert {"train/loss", "train/lr", "eval/val_loss"} <= set(want)
+    assert sorted(acc.Tags()["scalars"]) == sorted(want)
+    for tag, points in want.items():
+        got = [(e.step, e.value) for e in acc.Scalars(tag)]
+        assert [s for s, _ in got] == [s for s, _ in points], tag
+        np.testing.assert_allclose([v for _, v in got], [v for _, v in points], rtol=1e-6, err_msg=tag)  # float32
+
+
+def test_tensorboard_event_records_carry_the_tfrecord_checksums(tmp_path):
+    from gpt_jax.runlog import EventWriter, crc32c
+
+    assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720, B.4)
+    try:
+        from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader as EventFileLoader
+    except ImportError:
+        pytest.skip("tensorboard is not installed (pip install -e '.[test]')")
+    writer = EventWriter(tmp_path / "tb")
+    writer.scalar("train/loss", 2.5, 300)
+    writer.scalar("eval/val_loss", -1.25, 2**40)
+    writer.close()
+    (path,) = (tmp_path / "tb").iterdir()
+    events = list(EventFileLoader(str(path)).Load())
+    assert events[0].file_version == "brain.Event:2"
+    assert [(e.step, e.summary.value[0].tag, e.summary.value[0].simple_value) for e in events[1:]] == [
+        (300, "train/loss", 2.5), (2**40, "eval/val_loss", -1.25)]
+    data = bytearray(path.read_bytes())
+    data[-6] ^= 1  # a flipped bit in the last record's payload: the reader's checksum drops that record
+    path.write_bytes(bytes(data))
+    assert [e.step for e in EventFileLoader(str(path)).Load()] == [0, 300]
 
 
 def test_sigkill_at_any_moment_then_resume_gives_identical_losses(tmp_path, corpus, reference_run):
