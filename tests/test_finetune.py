@@ -198,6 +198,33 @@ def test_bad_task_files_name_file_and_line(tmp_path):
         read_records(tmp_path / "nowhere.tsv")
 
 
+def test_task_files_are_read_in_the_configured_format_and_cut_to_max_examples(tmp_path):
+    from gpt_jax.finetune import _read_task_files
+
+    with pytest.raises(ConfigError, match=r"^mode: finetune needs finetune.train_file \(a TSV or JSONL file of "
+                                          r"labelled examples\)$"):
+        _read_task_files(FinetuneConfig())
+    rows = [{"sentence": "ab", "label": "1"}, {"sentence": "ba", "label": "0"}, {"sentence": "aa", "label": "1"}]
+    (tmp_path / "train.data").write_text("".join(json.dumps(r) + "\n" for r in rows))  # no extension to go by
+    (tmp_path / "dev.data").write_text(json.dumps(rows[1]) + "\n")
+    files = {"train_file": str(tmp_path / "train.data"), "dev_file": str(tmp_path / "dev.data")}
+    train, dev, labels = _read_task_files(FinetuneConfig(format="jsonl", max_examples=2, **files))
+    assert train == [(1, rows[0]), (2, rows[1])] and dev == [(1, rows[1])] and labels == ["0", "1"]
+    # auto: each file by its own extension
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\nab\t1\nba\t0\n")
+    (tmp_path / "dev.jsonl").write_text(json.dumps(rows[2]) + "\n")
+    train, dev, labels = _read_task_files(FinetuneConfig(train_file=str(tmp_path / "train.tsv"),
+                                                         dev_file=str(tmp_path / "dev.jsonl")))
+    assert train == [(2, rows[0]), (3, rows[1])] and dev == [(1, rows[2])] and labels == ["0", "1"]
+    # multiple choice has no label set (the label is a choice index); a missing label column names the file
+    mc = FinetuneConfig(task="multiple_choice", fields={"text": "sentence", "choices": "o", "label": "label"},
+                        train_file=str(tmp_path / "train.tsv"))
+    assert _read_task_files(mc)[2] is None
+    (tmp_path / "nolabel.tsv").write_text("sentence\nab\n")
+    with pytest.raises(DataError, match=r"nolabel.tsv line 2: no field 'label'"):
+        _read_task_files(FinetuneConfig(train_file=str(tmp_path / "nolabel.tsv")))
+
+
 # ---------------------------------------------------------------------------------------------------
 # End to end on SST-2 slices
 

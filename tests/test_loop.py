@@ -475,6 +475,10 @@ def test_finetuning_reads_metrics_a_step_behind_and_evaluates_each_epoch(ft_run)
     assert [r["step"] for r in records(run_dir)] == list(range(1, steps + 1))
     behind = {step for step, dispatched in reads if dispatched > step}
     assert behind == set(range(1, steps + 1)) - {6, 12}  # only evaluation steps wait for their own metrics
+    # GPT-1's schedule: warmup over finetune.warmup_fraction 0.002 of the 12 steps (at least one step, from 0),
+    # then linear to 0 at step 12; each step logs the rate its optimizer step used (finetune.lr 1e-3)
+    np.testing.assert_allclose([r["lr"] for r in records(run_dir)], [0.0] + [1e-3 * (1 - k / 11) for k in range(11)],
+                               rtol=1e-6, atol=1e-12)
 
 
 def test_predict_and_evaluate_read_new_and_earlier_fine_tuning_runs(ft_run, corpus, tmp_path, capsys):
