@@ -161,3 +161,20 @@ def test_finetune_defaults_are_the_gpt1_papers():
     assert (cfg.clf_pdrop, cfg.lr, cfg.batch_size, cfg.epochs, cfg.warmup_fraction, cfg.lm_coef) == (
         0.1, 6.25e-5, 32, 3, 0.002, 0.5)
     assert (cfg.dropout, cfg.weight_decay) == (0.1, 0.01)
+
+
+def test_fine_tuning_takes_the_gpt1_codes_optimizer_whatever_the_optim_section_says():
+    """AdamW as in the GPT-1 code (betas 0.9 / 0.999, eps 1e-8, clipping at global norm 1) with the finetune
+    section's rate, decay and warmup on a linear schedule to 0; of the optim section only grad_accum applies.
+    Each epoch is steps_per_epoch steps, with an evaluation at its end."""
+    from gpt_jax.finetune import finetune_config
+
+    config = load_config(None, ["mode=finetune", "finetune.weight_decay=0.02", "finetune.batch_size=4",
+                                "finetune.epochs=2", "optim.lr=1", "optim.min_lr=0.5", "optim.schedule=constant",
+                                "optim.beta1=0.5", "optim.beta2=0.5", "optim.eps=0.1", "optim.grad_clip=5",
+                                "optim.weight_decay=0.3", "optim.grad_accum=2", "train.steps=3", "train.eval_every=1"])
+    got = finetune_config(config, 7)
+    o = got.optim
+    assert (o.lr, o.min_lr, o.schedule, o.warmup_fraction, o.weight_decay) == (6.25e-5, 0.0, "linear", 0.002, 0.02)
+    assert (o.beta1, o.beta2, o.eps, o.grad_clip, o.grad_accum) == (0.9, 0.999, 1e-8, 1.0, 2)
+    assert (got.train.batch_size, got.train.steps, got.train.eval_every) == (4, 14, 7)

@@ -533,6 +533,24 @@ def test_finetuning_data_order_resumes_mid_epoch(corpus, tmp_path):
     assert len(first_epoch) == 44  # every example once per epoch
 
 
+def test_new_token_rows_and_the_head_are_separate_random_draws(corpus, tmp_path):
+    """The special tokens' embedding rows, the classifier head and a random base model each come from their own
+    key: no value drawn for one reappears in another (one key for two draws repeats its normals)."""
+    from gpt_jax.finetune import FinetuneTask
+
+    task = FinetuneTask(ft_config(corpus, tmp_path / "run"), verbose=False)
+    special = task.special
+    wte = np.asarray(task.params["gpt"]["wte"]["embedding"])
+    rows = wte[[special.start, special.delimiter, special.classify]]
+
+    def values(x):  # all three are N(0, initializer_range) draws in float32: equal draws give equal values
+        return set(np.asarray(x, np.float32).ravel().tolist()) - {0.0}
+
+    head, new, base = values(task.params["head"]["kernel"]), values(rows), values(wte[:special.start])
+    assert len(head) == task.params["head"]["kernel"].size and len(new) == rows.size
+    assert not head & new and not head & base and not new & base
+
+
 # ---------------------------------------------------------------------------------------------------
 # Fine-tuning runs of train.py: SIGKILL, SIGTERM, resume; the parallel strategies on 8 fake devices
 
