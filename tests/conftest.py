@@ -6,6 +6,7 @@ GPT_JAX_STRICT=1 (set by .ci/run): then every skip is a failure, so CI always ru
 """
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -37,6 +38,33 @@ ROOT = Path(__file__).resolve().parents[1]
 # backend optimisations only cost them compile time, about a third of their CPU time on a 2-core machine.
 # Model numerics, reference parity, memory figures and the bitwise SIGKILL tests compile as a user's run does.
 ORCHESTRATION_ENV = {"JAX_DISABLE_MOST_OPTIMIZATIONS": "1"}
+
+
+@contextlib.contextmanager
+def compiled_alike():
+    """In-process tests that compare runs of this code with one another (the training loop's resume, prefetch,
+    steps per call and logging; scanned against unrolled layers; a padded vocabulary) compile without XLA's
+    backend optimisations, as the orchestration subprocesses do: both sides of each comparison compile alike,
+    and the optimisations are about 40% of such a test's CPU time. The programs compiled here are dropped at
+    the end, so no later test runs one. Parity with transformers, numerics against
+    formulas, memory figures and the bitwise SIGKILL/SIGTERM runs compile as a user's run does."""
+    before = jax.config.read("jax_disable_most_optimizations")
+    jax.config.update("jax_disable_most_optimizations", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_disable_most_optimizations", before)
+        from gpt_jax import clear_decode_cache
+
+        jax.clear_caches()  # no later test runs a program compiled here
+        clear_decode_cache()
+
+
+@pytest.fixture
+def unoptimized():
+    """compiled_alike() for one test."""
+    with compiled_alike():
+        yield
 
 
 def orchestration_env(devices: int) -> dict:

@@ -121,6 +121,7 @@ def test_heads_and_losses_match_transformers_double_heads(tmp_path):
     np.testing.assert_allclose(lm, out.loss.item(), atol=2e-5)
 
 
+@pytest.mark.usefixtures("unoptimized")  # compares runs compiled alike (conftest.compiled_alike)
 def test_similarity_is_symmetric_and_choices_are_permutation_equivariant():
     base = tiny()
     config, gpt, ids = add_special_tokens(base, init_params(base, jax.random.key(0)), jax.random.key(1))
@@ -316,6 +317,7 @@ def test_zero_shot_evaluate_commands(sst2, pretrained):
     assert proc.returncode == 2 and "--labels and --candidates" in proc.stderr
 
 
+@pytest.mark.usefixtures("unoptimized")  # compares runs compiled alike (conftest.compiled_alike)
 def test_sliding_window_perplexity_and_choice_scores_against_direct_computation():
     from gpt_jax.evaluate import continuation_logprobs, perplexity
 
@@ -381,6 +383,7 @@ def test_init_from_a_hugging_face_directory_and_reinit(tmp_path):
         load_base(cfg.finetune, cfg, jax.random.key(0))
 
 
+@pytest.mark.usefixtures("unoptimized")  # compares runs compiled alike (conftest.compiled_alike)
 def test_transfer_layers_takes_the_first_blocks_and_initialises_the_rest(tmp_path):
     from gpt_jax.finetune import FinetuneTask
     from gpt_jax.parallel import Single
@@ -424,6 +427,7 @@ def test_transfer_layers_takes_the_first_blocks_and_initialises_the_rest(tmp_pat
         initial_gpt_params("finetune.transfer_layers=1", "finetune.reinit=true")
 
 
+@pytest.mark.usefixtures("unoptimized")  # compares runs compiled alike (conftest.compiled_alike)
 def test_zero_shot_multiple_choice_picks_the_most_likely_choice(tmp_path):
     from gpt_jax.evaluate import choice_accuracy, continuation_logprobs
 

@@ -63,6 +63,7 @@ def test_greedy_equals_transformers_generate(tmp_path, kind):
         assert len(set(new)) > 2, "degenerate reference; the test would prove little"
 
 
+@pytest.mark.usefixtures("unoptimized")  # compares runs compiled alike (conftest.compiled_alike)
 def test_batched_left_padded_equals_each_prompt_alone(tiny):
     config, params = tiny
     prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11], [4], [7, 8, 9]]
@@ -162,6 +163,7 @@ def test_decode_copy_of_the_weights_follows_the_params(tiny):
         decode_layers(gone)
 
 
+@pytest.mark.usefixtures("unoptimized")  # compares runs compiled alike (conftest.compiled_alike)
 def test_compiles_once_per_bucket(tiny):
     config, params = tiny
     generate(config, params, [[1, 2, 3, 4, 5]], 10, temperature=0.9, rng=0)

@@ -16,9 +16,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, orchestration_env
+from conftest import ROOT, compiled_alike, orchestration_env
 from gpt_jax import loop
 from gpt_jax.config import load_config
+
+# every test here compares runs of the loop with one another or reads their logs (conftest.compiled_alike); the
+# SIGKILL/SIGTERM test's train.py processes compile as a user's run does
+pytestmark = pytest.mark.usefixtures("unoptimized")
 
 LM = ["model.preset=gpt2-tiny", "model.n_layer=2", "model.n_embd=32", "model.n_head=2", "model.n_positions=16",
       "train.batch_size=8", "train.eval_batches=2", "train.log_every=1", "train.sample_tokens=0", "optim.lr=3e-3",
@@ -462,7 +466,8 @@ class Recording(loop.Loop):
 def ft_run(corpus, tmp_path_factory):
     """A fine-tuning run through the loop, with when its metrics were read."""
     run_dir, reads = tmp_path_factory.mktemp("ft") / "run", []
-    run_task(ft_config(corpus, run_dir, "train.save_every=100"), Recording, reads=reads)
+    with compiled_alike():
+        run_task(ft_config(corpus, run_dir, "train.save_every=100"), Recording, reads=reads)
     return run_dir, reads
 
 

@@ -82,6 +82,7 @@ def test_fast_attention_equals_reference(setup):
     assert jnp.all(jnp.isfinite(fast))
 
 
+@pytest.mark.usefixtures("unoptimized")  # compares runs compiled alike (conftest.compiled_alike)
 def test_scanned_equals_unrolled_and_remat_is_exact(setup):
     cfg, params = setup
     x = tokens((2, 10))
@@ -182,6 +183,7 @@ def test_intermediates_expose_block_inputs(setup):
     np.testing.assert_allclose(block_inputs[0], emb, atol=1e-6)
 
 
+@pytest.mark.usefixtures("unoptimized")  # compares runs compiled alike (conftest.compiled_alike)
 def test_padded_vocabulary_changes_nothing_but_shapes(setup):
     """Padding the embedding to a multiple of 64 rows: the real logits, loss and gradients of the real
     rows equal the unpadded model's; padded logits are -inf and padded rows get no gradient."""

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import compiled_alike
 from gpt_jax.config import load_config
 from gpt_jax.model import GPT, lm_loss
 from gpt_jax.trainer import load_run, train
@@ -121,12 +122,13 @@ def epoch_runs(random_text):
     """An uninterrupted 6-step run, and one stopped at step 3 (epoch 1, after one of its two batches) then
     extended to 6 steps; with the steps that `best/` held at step 3 and the validation losses until then."""
     corpus = random_text / "random.txt"
-    run(random_text, "whole", corpus, "train.steps=6", *EPOCHS)
-    parts = random_text / "parts"
-    run(random_text, "parts", corpus, "train.steps=3", *EPOCHS)
-    best_at_3 = sorted(int(p.name) for p in (parts / "best").iterdir() if p.name.isdigit())
-    val_at_3 = records(parts, "eval")
-    summary = run(random_text, "parts", corpus, "train.steps=6", *EPOCHS)
+    with compiled_alike():  # the runs are compared with one another
+        run(random_text, "whole", corpus, "train.steps=6", *EPOCHS)
+        parts = random_text / "parts"
+        run(random_text, "parts", corpus, "train.steps=3", *EPOCHS)
+        best_at_3 = sorted(int(p.name) for p in (parts / "best").iterdir() if p.name.isdigit())
+        val_at_3 = records(parts, "eval")
+        summary = run(random_text, "parts", corpus, "train.steps=6", *EPOCHS)
     return random_text / "whole", parts, summary, best_at_3, val_at_3
 
 

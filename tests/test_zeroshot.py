@@ -17,6 +17,9 @@ from gpt_jax.tokenizer import CharTokenizer
 from gpt_jax.zeroshot import (lambada, lambada_examples, language_modelling, ptb_detokenize, word_count,
                               wikitext_detokenize)
 
+# each test compares the protocol with a direct computation on the same model (conftest.compiled_alike)
+pytestmark = pytest.mark.usefixtures("unoptimized")
+
 TOK = CharTokenizer(sorted(set(string.printable)))
 CFG = GPTConfig(vocab_size=TOK.vocab_size, n_positions=96, n_embd=32, n_layer=2, n_head=2, pad_vocab_multiple=32)
 
