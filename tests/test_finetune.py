@@ -402,12 +402,18 @@ def test_transfer_layers_takes_the_first_blocks_and_initialises_the_rest(tmp_pat
                                  f"finetune.train_file={tmp_path / 't.tsv'}", f"train.out_dir={tmp_path / 'run'}",
                                  *overrides])
         task = FinetuneTask(cfg, verbose=False)
+        lines.append(task.describe())
         return task.initial_state(Single(task.config)).params["gpt"]
 
+    lines = []
     fresh = initial_gpt_params("finetune.reinit=true")  # the random-initialisation baseline, same seed
+    rest = ": 2 training examples; 1 sequence(s) of 8 tokens per example; batch 32, 3 epochs = 3 steps; lm_coef 0.5"
+    assert lines == [[f"fine-tuning (classification, labels ['0', '1']) from {tmp_path / 'hf'} (re-initialised){rest}"]]
     V = config.vocab_size
     for n in (0, 1, 3):
         got = initial_gpt_params(f"finetune.transfer_layers={n}")
+        assert lines[-1] == [f"fine-tuning (classification, labels ['0', '1']) from {tmp_path / 'hf'} (embeddings and "
+                             f"{n} block(s) transferred){rest}"]
         np.testing.assert_array_equal(got["wte"]["embedding"][:V], params["wte"]["embedding"])  # + 3 special rows
         np.testing.assert_array_equal(got["wpe"]["embedding"], params["wpe"]["embedding"])
         for g, p, f in zip(jax.tree.leaves(got["h"]), jax.tree.leaves(params["h"]), jax.tree.leaves(fresh["h"]),

@@ -477,6 +477,9 @@ def test_finetuning_reads_metrics_a_step_behind_and_evaluates_each_epoch(ft_run)
     evals = records(run_dir, "eval")
     assert [(r["step"], r["epoch"]) for r in evals] == [(6, 1), (12, 2)]
     assert all(0 <= r["dev_accuracy"] <= 1 and r["dev_loss"] > 0 for r in evals)
+    for r in evals:  # fractions of each epoch's 44 training examples and of the 20 dev examples, counted from 0
+        assert abs(r["train_accuracy"] * 44 - round(r["train_accuracy"] * 44)) < 1e-5, r
+        assert abs(r["dev_accuracy"] * 20 - round(r["dev_accuracy"] * 20)) < 1e-5, r
     assert [r["step"] for r in records(run_dir)] == list(range(1, steps + 1))
     behind = {step for step, dispatched in reads if dispatched > step}
     assert behind == set(range(1, steps + 1)) - {6, 12}  # only evaluation steps wait for their own metrics
@@ -538,6 +541,21 @@ def test_finetuning_data_order_resumes_mid_epoch(corpus, tmp_path):
     assert len(first_epoch) == 44  # every example once per epoch
 
 
+def test_a_fine_tuning_training_loss_applies_dropout_when_any_one_rate_is_set(corpus, tmp_path):
+    """The classifier's dropout or any one of the transformer's three rates alone turns dropout on in the fine-tuning
+    loss (two keys, two losses)."""
+    from gpt_jax.finetune import FinetuneTask
+
+    for kind in ("clf", "embd", "attn", "resid"):
+        rates = [f"model.{k}_pdrop={0.5 if k == kind else 0}" for k in ("embd", "attn", "resid")]
+        task = FinetuneTask(ft_config(corpus, tmp_path / kind, "finetune.dropout=null", *rates,
+                                      f"finetune.clf_pdrop={0.5 if kind == 'clf' else 0}"), verbose=False)
+        batch = jax.tree.map(lambda x: x[0], next(task.batches({"epoch": 0, "cursor": 0}))[0])  # one micro-batch
+        loss = jax.jit(lambda p, b, k, task=task: task.loss(p, b, k)[0])
+        a, b = (float(loss(task.params, batch, jax.random.key(i))) for i in (1, 2))
+        assert abs(a - b) > 1e-5, (kind, a, b)
+
+
 def test_new_token_rows_and_the_head_are_separate_random_draws(corpus, tmp_path):
     """The special tokens' embedding rows, the classifier head and a random base model each come from their own
     key: no value drawn for one reappears in another (one key for two draws repeats its normals)."""
@@ -554,6 +572,31 @@ def test_new_token_rows_and_the_head_are_separate_random_draws(corpus, tmp_path)
     head, new, base = values(task.params["head"]["kernel"]), values(rows), values(wte[:special.start])
     assert len(head) == task.params["head"]["kernel"].size and len(new) == rows.size
     assert not head & new and not head & base and not new & base
+
+
+def test_a_fine_tuning_task_pads_to_a_multiple_of_8_and_names_the_file_of_a_bad_example(corpus, tmp_path):
+    from gpt_jax.data import DataError
+    from gpt_jax.finetune import FinetuneTask
+
+    long = tmp_path / "long.tsv"  # 15 characters + start + classify: 17 tokens, padded to 24 (the context is 32)
+    long.write_text("sentence\tlabel\n" + "".join(f"{'ab' * 7}{'ab'[i % 2]}\t{i % 2}\n" for i in range(9)))
+    task = FinetuneTask(ft_config(corpus, tmp_path / "run", "model.n_positions=32", f"finetune.train_file={long}"),
+                        verbose=False)
+    assert task.seq_len == 24 and task.tokens_per_step == 8 * 1 * 24
+    assert task.describe() == ["fine-tuning (classification, labels ['0', '1']) from random initialisation: 9 training "
+                               "examples, 20 dev; 1 sequence(s) of 24 tokens per example; batch 8, 2 epochs = 4 steps; "
+                               "lm_coef 0.5"]
+    cut = FinetuneTask(ft_config(corpus, tmp_path / "run", "model.n_positions=32", f"finetune.train_file={long}",
+                                 "finetune.max_length=16"), verbose=False)
+    assert cut.describe()[1:] == ["truncated 9 of 9 training examples to 16 tokens (finetune.max_length)"]
+    bad_dev = tmp_path / "bad_dev.tsv"
+    bad_dev.write_text("sentence\tlabel\nab\t1\nba\t7\n")
+    with pytest.raises(DataError, match=r"bad_dev.tsv line 3: label '7' is not one of"):
+        FinetuneTask(ft_config(corpus, tmp_path / "run", f"finetune.dev_file={bad_dev}"), verbose=False)
+    no_text = tmp_path / "no_text.tsv"
+    no_text.write_text("text\tlabel\nab\t1\n")
+    with pytest.raises(DataError, match=r"no_text.tsv line 2: no field 'sentence'"):
+        FinetuneTask(ft_config(corpus, tmp_path / "run", f"finetune.train_file={no_text}"), verbose=False)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -769,7 +812,8 @@ def test_a_run_reports_its_set_up_in_order_and_a_fine_tuning_run_without_dev_dat
     out = capsys.readouterr().out.splitlines()
     lines = out[[i for i, line in enumerate(out) if line.startswith("config: ")][0]:]  # after any tokenizing
     assert "parallel.strategy=mesh" in lines[0] and lines[0].endswith(" mode=finetune")
-    assert lines[1].startswith("fine-tuning (classification, labels ") and "44 training examples; " in lines[1]
+    assert lines[1] == ("fine-tuning (classification, labels ['0', '1']) from random initialisation: 44 training "
+                        "examples; 1 sequence(s) of 16 tokens per example; batch 8, 2 epochs = 12 steps; lm_coef 0.5")
     assert lines[2] == "attention: einsum reference for cpu"
     assert lines[3].startswith("parallel: mesh {'data': 1, 'fsdp': 1, 'tensor': 1}"), lines[3]
     assert "None" not in out
