@@ -589,6 +589,12 @@ def test_a_fine_tuning_task_pads_to_a_multiple_of_8_and_names_the_file_of_a_bad_
     cut = FinetuneTask(ft_config(corpus, tmp_path / "run", "model.n_positions=32", f"finetune.train_file={long}",
                                  "finetune.max_length=16"), verbose=False)
     assert cut.describe()[1:] == ["truncated 9 of 9 training examples to 16 tokens (finetune.max_length)"]
+    pairs = tmp_path / "pairs.tsv"  # similarity: both orderings, two sequences per example, both counted
+    pairs.write_text("a\tb\tlabel\nab\tba\t1\nbb\taa\t0\n")
+    sim = FinetuneTask(ft_config(corpus, tmp_path / "run", "finetune.task=similarity", f"finetune.train_file={pairs}",
+                                 "finetune.dev_file=", "finetune.fields={text: a, text_b: b, label: label}"),
+                       verbose=False)
+    assert sim.seq_len == 8 and sim.tokens_per_step == 8 * 2 * 8 and " 2 sequence(s) of 8 tokens " in sim.describe()[0]
     bad_dev = tmp_path / "bad_dev.tsv"
     bad_dev.write_text("sentence\tlabel\nab\t1\nba\t7\n")
     with pytest.raises(DataError, match=r"bad_dev.tsv line 3: label '7' is not one of"):
