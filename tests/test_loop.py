@@ -587,8 +587,11 @@ def test_a_fine_tuning_task_pads_to_a_multiple_of_8_and_names_the_file_of_a_bad_
                                "examples, 20 dev; 1 sequence(s) of 24 tokens per example; batch 8, 2 epochs = 4 steps; "
                                "lm_coef 0.5"]
     cut = FinetuneTask(ft_config(corpus, tmp_path / "run", "model.n_positions=32", f"finetune.train_file={long}",
-                                 "finetune.max_length=16"), verbose=False)
-    assert cut.describe()[1:] == ["truncated 9 of 9 training examples to 16 tokens (finetune.max_length)"]
+                                 "finetune.max_length=8"), verbose=False)
+    long_dev = sum(len(line.split("\t")[0]) + 2 > 8 for line in (corpus / "dev.tsv").read_text().splitlines()[1:])
+    assert 0 < long_dev < 20
+    assert cut.describe()[1:] == ["truncated 9 of 9 training examples to 8 tokens (finetune.max_length)",
+                                  f"truncated {long_dev} of 20 dev examples to 8 tokens (finetune.max_length)"]
     pairs = tmp_path / "pairs.tsv"  # similarity: both orderings, two sequences per example, both counted
     pairs.write_text("a\tb\tlabel\nab\tba\t1\nbb\taa\t0\n")
     sim = FinetuneTask(ft_config(corpus, tmp_path / "run", "finetune.task=similarity", f"finetune.train_file={pairs}",
