@@ -556,6 +556,26 @@ def test_a_fine_tuning_training_loss_applies_dropout_when_any_one_rate_is_set(co
         assert abs(a - b) > 1e-5, (kind, a, b)
 
 
+def test_a_fine_tuning_step_counts_the_correct_predictions_of_its_real_examples(corpus, tmp_path):
+    """The train accuracy's counts: a batch's real examples (44 = 5 x 8 + 4: the epoch's sixth batch holds 4 and
+    padding) and, of those, the ones whose highest logit is the label's."""
+    from gpt_jax.finetune import FinetuneTask, forward
+
+    task = FinetuneTask(ft_config(corpus, tmp_path / "run", "finetune.dropout=0", "finetune.clf_pdrop=0"), verbose=False)
+    batches = task.batches({"epoch": 0, "cursor": 0})
+    counts = []
+    for i in range(6):
+        batch = jax.tree.map(lambda x: x[0], next(batches)[0])  # its one micro-batch
+        if i in (0, 5):
+            _, metrics = task.loss(task.params, batch, jax.random.key(0))
+            logits, _ = forward(task.model, "classification", task.params, batch["tokens"], batch["lengths"])
+            n = 8 if i == 0 else 4
+            hits = (np.asarray(logits).argmax(-1) == np.asarray(batch["labels"]))[:n]
+            assert float(metrics["examples"]) == n and float(metrics["correct"]) == hits.sum(), (i, metrics, hits)
+            counts.append((int(hits.sum()), n))
+    assert any(2 * c != n for c, n in counts), counts  # so a count of the misses would not pass
+
+
 def test_new_token_rows_and_the_head_are_separate_random_draws(corpus, tmp_path):
     """The special tokens' embedding rows, the classifier head and a random base model each come from their own
     key: no value drawn for one reappears in another (one key for two draws repeats its normals)."""
