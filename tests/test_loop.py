@@ -556,6 +556,18 @@ def test_a_fine_tuning_training_loss_applies_dropout_when_any_one_rate_is_set(co
         assert abs(a - b) > 1e-5, (kind, a, b)
 
 
+def test_an_epoch_that_fills_its_last_batch_is_followed_by_the_next_epoch(corpus, tmp_path):
+    from gpt_jax.finetune import FinetuneTask
+
+    even = tmp_path / "even.tsv"  # 16 examples: two full batches of 8, no padding
+    even.write_text("sentence\tlabel\n" + "".join(f"{'ab'[i % 2] * (i + 1)}\t{i % 2}\n" for i in range(16)))
+    task = FinetuneTask(ft_config(corpus, tmp_path / "run", f"finetune.train_file={even}"), verbose=False)
+    batches = task.batches({"epoch": 0, "cursor": 0})
+    got = [next(batches) for _ in range(4)]
+    assert [state for _, state in got] == [{"epoch": e, "cursor": c} for e in (0, 1) for c in (8, 16)]
+    assert all(int((b["weight"] > 0).sum()) == 8 for b, _ in got)  # no batch of padding alone between epochs
+
+
 def test_a_fine_tuning_step_counts_the_correct_predictions_of_its_real_examples(corpus, tmp_path):
     """The train accuracy's counts: a batch's real examples (44 = 5 x 8 + 4: the epoch's sixth batch holds 4 and
     padding) and, of those, the ones whose highest logit is the label's."""
