@@ -477,6 +477,8 @@ def test_finetuning_reads_metrics_a_step_behind_and_evaluates_each_epoch(ft_run)
     evals = records(run_dir, "eval")
     assert [(r["step"], r["epoch"]) for r in evals] == [(6, 1), (12, 2)]
     assert all(0 <= r["dev_accuracy"] <= 1 and r["dev_loss"] > 0 for r in evals)
+    for r in records(run_dir):  # the objective: the task's loss plus lm_coef (0.5) times the auxiliary LM loss
+        np.testing.assert_allclose(r["loss"], r["task_loss"] + 0.5 * r["lm_loss"], rtol=1e-5)
     for r in evals:  # fractions of each epoch's 44 training examples and of the 20 dev examples, counted from 0
         assert abs(r["train_accuracy"] * 44 - round(r["train_accuracy"] * 44)) < 1e-5, r
         assert abs(r["dev_accuracy"] * 20 - round(r["dev_accuracy"] * 20)) < 1e-5, r
