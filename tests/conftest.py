@@ -45,7 +45,7 @@ def compiled_alike():
     """In-process tests that compare runs of this code with one another (the training loop's resume, prefetch,
     steps per call and logging; scanned against unrolled layers; a padded vocabulary) compile without XLA's
     backend optimisations, as the orchestration subprocesses do: both sides of each comparison compile alike,
-    and the optimisations are about 40% of such a test's CPU time. The programs compiled here are dropped at
+    and the optimisations are a quarter to two fifths of such a test's CPU time. The programs compiled here are dropped at
     the end, so no later test runs one. Parity with transformers, numerics against
     formulas, memory figures and the bitwise SIGKILL/SIGTERM runs compile as a user's run does."""
     before = jax.config.read("jax_disable_most_optimizations")

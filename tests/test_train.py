@@ -84,10 +84,8 @@ def test_end_to_end_run_writes_everything(reference_run):
 
 def test_tensorboard_reads_every_logged_number_of_the_run(reference_run):
     """The events file, read by TensorBoard's own loader, holds each metrics.jsonl number at its step."""
-    try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    except ImportError:
-        pytest.skip("tensorboard is not installed (pip install -e '.[test]')")
+    EventAccumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator", reason="pip install -e '.[test]'").EventAccumulator
     run_dir = reference_run[0]
     (events,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events))
@@ -110,10 +108,8 @@ def test_tensorboard_event_records_carry_the_tfrecord_checksums(tmp_path):
     from gpt_jax.runlog import EventWriter, crc32c
 
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720, B.4)
-    try:
-        from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader as EventFileLoader
-    except ImportError:
-        pytest.skip("tensorboard is not installed (pip install -e '.[test]')")
+    EventFileLoader = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_file_loader", reason="pip install -e '.[test]'").LegacyEventFileLoader
     writer = EventWriter(tmp_path / "tb")
     writer.scalar("train/loss", 2.5, 300)
     writer.scalar("eval/val_loss", -1.25, 2**40)
