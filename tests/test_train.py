@@ -82,10 +82,13 @@ def test_end_to_end_run_writes_everything(reference_run):
     assert any(p.name.isdigit() for p in (run_dir / "best").iterdir())
 
 
+NO_TENSORBOARD = "tensorboard is not installed (pip install -e '.[test]')"
+
+
 def test_tensorboard_reads_every_logged_number_of_the_run(reference_run):
     """The events file, read by TensorBoard's own loader, holds each metrics.jsonl number at its step."""
     EventAccumulator = pytest.importorskip(
-        "tensorboard.backend.event_processing.event_accumulator", reason="pip install -e '.[test]'").EventAccumulator
+        "tensorboard.backend.event_processing.event_accumulator", reason=NO_TENSORBOARD).EventAccumulator
     run_dir = reference_run[0]
     (events,) = (run_dir / "tensorboard").glob("events.out.tfevents.*")
     acc = EventAccumulator(str(events))
@@ -109,7 +112,7 @@ def test_tensorboard_event_records_carry_the_tfrecord_checksums(tmp_path):
 
     assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value (RFC 3720, B.4)
     EventFileLoader = pytest.importorskip(
-        "tensorboard.backend.event_processing.event_file_loader", reason="pip install -e '.[test]'").LegacyEventFileLoader
+        "tensorboard.backend.event_processing.event_file_loader", reason=NO_TENSORBOARD).LegacyEventFileLoader
     writer = EventWriter(tmp_path / "tb")
     writer.scalar("train/loss", 2.5, 300)
     writer.scalar("eval/val_loss", -1.25, 2**40)
