@@ -3,6 +3,7 @@ dispatch change nothing, metrics are read a step behind, the multi-host stop che
 log interval, evaluation reads the device once; fine-tuning through the same loop resumes (its data
 order too) after SIGKILL or SIGTERM, runs on every strategy, and its runs stay readable."""
 
+import dataclasses
 import json
 import math
 import os
@@ -503,6 +504,11 @@ def test_predict_and_evaluate_read_new_and_earlier_fine_tuning_runs(ft_run, corp
     new = predict_file(run_dir, corpus / "dev.tsv", tmp_path / "new.tsv")
     best = max(records(run_dir, "eval"), key=lambda r: r["dev_accuracy"])
     assert new["n"] == 20 and new["accuracy"] == pytest.approx(best["dev_accuracy"])
+    # the run's dev loss: the mean over the 20 examples (3 batches of 8, the last with 4 padding rows) of
+    # minus the log-probability predict_file gives the gold label
+    gold = [int(line.split("\t")[1]) for line in (corpus / "dev.tsv").read_text().splitlines()[1:]]
+    probs = [[float(p) for p in line.split("\t")[1:]] for line in (tmp_path / "new.tsv").read_text().splitlines()[1:]]
+    np.testing.assert_allclose(best["dev_loss"], -np.mean([np.log(p[y]) for p, y in zip(probs, gold)]), rtol=1e-4)
     # an earlier gpt_jax saved only {"params": ...} and a finetune.json without "format"
     old = tmp_path / "old"
     shutil.copytree(run_dir, old, ignore=shutil.ignore_patterns("checkpoints", "best"))
@@ -626,6 +632,11 @@ def test_a_fine_tuning_task_pads_to_a_multiple_of_8_and_names_the_file_of_a_bad_
     assert 0 < long_dev < 20
     assert cut.describe()[1:] == ["truncated 9 of 9 training examples to 8 tokens (finetune.max_length)",
                                   f"truncated {long_dev} of 20 dev examples to 8 tokens (finetune.max_length)"]
+    summary = {"best": 0.75, "evals": [{"step": 2}], "step": 2}  # what the loop hands the task at the end
+    cut.summarize(summary)
+    assert summary == {"step": 2, "best": 0.75, "epochs": [{"step": 2}], "best_dev_accuracy": 0.75,
+                       "train_examples": 9, "labels": ["0", "1"], "special": cut.special, "model": cut.model,
+                       "truncated": 9 + long_dev}
     pairs = tmp_path / "pairs.tsv"  # similarity: both orderings, two sequences per example, both counted
     pairs.write_text("a\tb\tlabel\nab\tba\t1\nbb\taa\t0\n")
     sim = FinetuneTask(ft_config(corpus, tmp_path / "run", "finetune.task=similarity", f"finetune.train_file={pairs}",
@@ -640,6 +651,34 @@ def test_a_fine_tuning_task_pads_to_a_multiple_of_8_and_names_the_file_of_a_bad_
     no_text.write_text("text\tlabel\nab\t1\n")
     with pytest.raises(DataError, match=r"no_text.tsv line 2: no field 'sentence'"):
         FinetuneTask(ft_config(corpus, tmp_path / "run", f"finetune.train_file={no_text}"), verbose=False)
+
+
+def test_a_fine_tuning_task_counts_each_epoch_s_train_accuracy_also_across_a_resume(corpus, tmp_path):
+    """The loop hands the task each step's metrics (observe), an epoch's end (eval_record: the train accuracy is
+    the correct predictions over the examples seen since the last one; the score that picks the best checkpoint
+    is the dev accuracy, or without dev data the train accuracy), a checkpoint's progress and a resume's."""
+    from gpt_jax.finetune import FinetuneTask
+
+    task = FinetuneTask(ft_config(corpus, tmp_path / "run"), verbose=False)  # 6 steps an epoch
+    assert task.observe({"loss": 1.5, "correct": 3.0, "examples": 8.0}) == {"loss": 1.5}
+    task.observe({"correct": 5.0, "examples": 8.0})
+    saved = json.loads(json.dumps(task.progress()))  # as a checkpoint's metadata keeps it
+    task.observe({"correct": 8.0, "examples": 8.0})  # a step the killed run took after that checkpoint
+    task.restore(saved)
+    task.observe({"correct": 1.0, "examples": 4.0})
+    record, score = task.eval_record(6, {"correct": 7.0, "nll": 9.0})
+    assert record == {"kind": "eval", "step": 6, "epoch": 1, "train_accuracy": 9 / 20, "dev_accuracy": 7 / 20,
+                      "dev_loss": 9 / 20} and type(record["epoch"]) is int and score == 7 / 20
+    assert task.after_eval(None, 6, record, True) == ["epoch 1: train accuracy 0.4500, dev accuracy 0.3500 (best so far)"]
+    for step, correct, examples in [(12, 0.0, 1.0), (18, 1.0, 1.0)]:  # each epoch counts from nothing
+        task.observe({"correct": correct, "examples": examples})
+        record, score = task.eval_record(step, {})  # without dev data
+        assert record == {"kind": "eval", "step": step, "epoch": step // 6, "train_accuracy": correct / examples}
+        assert score == correct / examples
+    assert task.after_eval(None, 18, record, False) == ["epoch 3: train accuracy 1.0000"]
+    task.restore({})  # a checkpoint of a run that had seen nothing of its epoch
+    task.observe({"correct": 1.0, "examples": 1.0})
+    assert task.eval_record(24, {})[0]["train_accuracy"] == 1.0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -866,17 +905,23 @@ def test_a_run_reports_its_set_up_in_order_and_a_fine_tuning_run_without_dev_dat
     # each epoch's line, "(best so far)" when its accuracy beats every earlier epoch's
     best, want = -math.inf, []
     for r in evals:
-        want.append(f"epoch {r['epoch']}: train accuracy {r['train_accuracy']:.4f}"
+        want.append(f"epoch {r['step'] // 6}: train accuracy {r['train_accuracy']:.4f}"
                     + (" (best so far)" if r["train_accuracy"] > best else ""))
         best = max(best, r["train_accuracy"])
     assert [line for line in out if line.startswith("epoch ")] == want
     assert summary["best_dev_accuracy"] is None and summary["best"] == max(r["train_accuracy"] for r in evals)
+    assert summary["epochs"] == evals and summary["train_examples"] == 44 and summary["truncated"] == 0
+    info = json.loads((run_dir / "finetune.json").read_text())  # what predict and evaluate read back
+    assert info == {"format": 2, "task": "classification", "labels": ["0", "1"], "max_length": 16,
+                    "special_ids": dataclasses.asdict(summary["special"]), "model": dataclasses.asdict(summary["model"]),
+                    "fields": {"text": "sentence", "label": "label"}}
     assert summary["run_dir"] == str(run_dir) and summary["start_step"] == 0 and summary["step"] == 12
     m = summary["model"]  # finetune.dropout sets the transformer's three dropout rates
     assert (m.embd_pdrop, m.attn_pdrop, m.resid_pdrop) == (0.25, 0.25, 0.25)
     assert summary["interrupted"] is None
     again = train(ft_config(corpus, run_dir, *args), verbose=False)
     assert again["run_dir"] == str(run_dir) and again["start_step"] == again["step"] == 12
+    assert again["epochs"] == []  # a run that had nothing left to do evaluated no epoch
 
 
 def test_the_parallel_line_each_process_line_and_the_mfu_terms(monkeypatch, capsys):

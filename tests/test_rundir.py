@@ -159,7 +159,7 @@ def test_torn_metrics_line_is_dropped_and_plots(tmp_path):
     (["gpt_jax.evaluate", "--checkpoint", "{run}", "choice", "--input", "{tmp}/ls.tsv", "--labels", "0", "1",
       "--candidates", " a", " b"], 2, ["ls.tsv is not UTF-8 text"]),
     (["gpt_jax.predict", "--checkpoint", "{run}", "--input", "{tmp}/ls.tsv", "--output", "{tmp}/p.tsv"], 2,
-     ["is not a fine-tuning run"]),
+     ["is not a fine-tuning run (finetune.json is missing); train one with train.py and mode: finetune"]),
     (["gpt_jax.data", "{tmp}/ls", "--cache-dir", "{tmp}/cache"], 2, ["not UTF-8 text"]),
     (["gpt_jax.data", "{corpus}", "--cache-dir", "/bin/ls/cache"], 5, ["Not a directory", "/bin/ls"]),
     (["gpt_jax.bench", "--config", "configs/quickstart.yaml", "train.batch_size=0"], 2,
