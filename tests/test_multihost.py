@@ -3,9 +3,11 @@ collectives) give the single-process losses, save, restore under another strateg
 data and the logging as a multi-host run must."""
 
 import json
+import re
 import socket
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -164,6 +166,61 @@ def test_a_multi_process_run_locks_its_directory_once_and_every_process_stops(tm
     assert rc0 == 4 and f"in use by process {owner.pid}" in out0 and "Traceback" not in out0, out0[-2000:]
     assert rc1 == 4 and "process 0 could not lock" in out1 and "Traceback" not in out1, out1[-2000:]
     assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+
+
+SAVER = textwrap.dedent("""
+    import json, sys
+    import jax
+    import numpy as np
+    port, pid, run_dir = sys.argv[1:]
+    jax.distributed.initialize(f"127.0.0.1:{port}", 2, int(pid))
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+    from orbax.checkpoint._src.multihost import multihost
+    from gpt_jax.checkpoint import Checkpointer
+
+    keys, make = [], multihost.unique_barrier_key  # every barrier key orbax builds, in order
+    def record(key, **kw):
+        keys.append(make(key, **kw))
+        return keys[-1]
+    multihost.unique_barrier_key = record
+    sharding = NamedSharding(Mesh(np.array(jax.devices()), ("d",)), P())
+    state = lambda step: {"w": jax.make_array_from_callback((4,), sharding, lambda i: np.arange(4.0)[i] + step)}
+    ckpt = Checkpointer(run_dir)
+    for step in range(1, 7):  # the newest and the best checkpoint of each step, saved at once
+        ckpt.save(step, state(step), {"step": step}, best=True)
+    ckpt.wait()
+    abstract = {"w": jax.ShapeDtypeStruct((4,), np.float32, sharding=sharding)}
+    restored = [ckpt.restore_latest(abstract, manager=m) for m in (ckpt.last, ckpt.best)]
+    ckpt.close()
+    print(json.dumps({"keys": keys, "restored": [[r[2], np.asarray(r[0]["w"]).tolist()] for r in restored]}))
+""")
+
+
+def test_two_processes_save_the_newest_and_the_best_checkpoint_of_a_step_at_once(tmp_path):
+    """A step's newest and best checkpoints are written by two orbax managers at once, each finishing in
+    background threads that wait at barriers across the processes. orbax asks that no process wait on one
+    barrier name twice: a key shared by the two managers can pair one process's wait for the newest checkpoint
+    with the other's for the best (seen: both processes hang at a barrier, most runs).
+    Two processes save both checkpoints of 6 steps: they finish, each step's barrier names are used once per
+    process, and both checkpoints restore the last step's array."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-c", SAVER, str(port), str(i), str(tmp_path / "run")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=orchestration_env(2),
+                              cwd=ROOT) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+    except subprocess.TimeoutExpired:
+        pytest.fail("the two processes saving checkpoints hung at a barrier")
+    finally:
+        for p in procs:
+            p.kill()
+    for i, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+        result = json.loads(out.strip().splitlines()[-1])
+        per_step = [k for k in result["keys"] if re.search(r"\.[1-6]$", k)]  # those naming a step
+        assert len(per_step) >= 6 * 2 * 2, result["keys"]  # written and committed, newest and best, each step
+        assert len(set(per_step)) == len(per_step), sorted(per_step)
+        assert result["restored"] == [[6, [6.0, 7.0, 8.0, 9.0]]] * 2
 
 
 def test_two_processes_fine_tune_as_one(tmp_path, corpus):
