@@ -38,19 +38,24 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_two_processes(args):
-    """train.py in 2 processes with 2 devices each; returns their (returncode, output)."""
+def two_processes(argv, timeout=420):
+    """`python *argv(port, i)` for i = 0, 1, with 2 devices each and a free coordinator port; returns their
+    (returncode, output)."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args,
-                               f"parallel.coordinator_address=127.0.0.1:{port}", "parallel.num_processes=2",
-                               f"parallel.process_id={i}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    procs = [subprocess.Popen([sys.executable, *argv(port, i)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env=orchestration_env(2), cwd=ROOT) for i in range(2)]
     try:
-        outs = [p.communicate(timeout=420)[0] for p in procs]
+        outs = [p.communicate(timeout=timeout)[0] for p in procs]
     finally:
         for p in procs:
             p.kill()
     return [(p.returncode, out) for p, out in zip(procs, outs)]
+
+
+def run_two_processes(args):
+    """train.py in 2 processes with 2 devices each; returns their (returncode, output)."""
+    return two_processes(lambda port, i: [str(ROOT / "train.py"), *args, f"parallel.coordinator_address=127.0.0.1:{port}",
+                                          "parallel.num_processes=2", f"parallel.process_id={i}"])
 
 
 def train_records(run_dir):
@@ -203,19 +208,12 @@ def test_two_processes_save_the_newest_and_the_best_checkpoint_of_a_step_at_once
     with the other's for the best (seen: both processes hang at a barrier, most runs).
     Two processes save both checkpoints of 6 steps: they finish, each step's barrier names are used once per
     process, and both checkpoints restore the last step's array."""
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-c", SAVER, str(port), str(i), str(tmp_path / "run")],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=orchestration_env(2),
-                              cwd=ROOT) for i in range(2)]
     try:
-        outs = [p.communicate(timeout=120)[0] for p in procs]
+        results = two_processes(lambda port, i: ["-c", SAVER, str(port), str(i), str(tmp_path / "run")], timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail("the two processes saving checkpoints hung at a barrier")
-    finally:
-        for p in procs:
-            p.kill()
-    for i, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"process {i}:\n{out[-4000:]}"
+    for i, (rc, out) in enumerate(results):
+        assert rc == 0, f"process {i}:\n{out[-4000:]}"
         result = json.loads(out.strip().splitlines()[-1])
         per_step = [k for k in result["keys"] if re.search(r"\.[1-6]$", k)]  # those naming a step
         assert len(per_step) >= 6 * 2 * 2, result["keys"]  # written and committed, newest and best, each step
