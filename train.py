@@ -18,9 +18,9 @@ def main(argv=None) -> int:
                         help="compile one step, print per-device memory, train nothing")
     args = parser.parse_args(argv)
 
-    from gpt_jax.cli import run_training
+    from gpt_jax.trainer import run_training
 
-    return run_training(args.config, args.overrides, dry_run=args.dry_run)
+    return run_training(args.config, args.overrides, compile_only=args.dry_run)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import numpy as np
 
 from gpt_jax.config import load_config
 from gpt_jax.optim import make_optimizer, make_schedule
-from gpt_jax.trainer import init_state, make_loss_fn, make_train_step
+from gpt_jax.pretrain import init_state, make_loss_fn, make_train_step
 
 BABY = ["model.n_layer=4", "model.n_embd=128", "model.n_head=4", "model.vocab_size=65", "model.n_positions=64",
         "train.batch_size=12", "model.scan_layers=false"]

@@ -169,7 +169,7 @@ def cmd_zeroshot(args) -> None:
 
     from gpt_jax import zeroshot
     from gpt_jax.model import init_params
-    from gpt_jax.sample import load_for_sampling
+    from gpt_jax.runs import load_for_sampling
 
     steps = sorted(int(p.name) for p in (PRETRAIN / "checkpoints").iterdir() if p.name.isdigit())
     results = []

@@ -20,7 +20,7 @@ import time
 import jax
 import numpy as np
 
-from gpt_jax.cli import at_least, entry_point
+from gpt_jax.errors import at_least, entry_point
 from gpt_jax.config import Config, load_config
 from gpt_jax.flops import device_peak_flops, flops_per_token, flops_per_token_llmc
 from gpt_jax.generate import generate
@@ -28,7 +28,7 @@ from gpt_jax import attention
 from gpt_jax.model import param_count
 from gpt_jax.optim import make_optimizer, make_schedule
 from gpt_jax.parallel import check_batch
-from gpt_jax.trainer import init_state, make_train_step
+from gpt_jax.pretrain import init_state, make_train_step
 
 
 def _memory(compiled) -> dict:

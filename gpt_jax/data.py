@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gpt_jax.cli import entry_point
+from gpt_jax.errors import entry_point
 from gpt_jax.config import DataConfig
 from gpt_jax.normalize import NORMALIZERS, normalize
 from gpt_jax.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer

@@ -37,6 +37,8 @@ from gpt_jax.optim import make_optimizer, make_schedule
 from gpt_jax.parallel import validate as validate_parallel
 from gpt_jax.records import (Examples, SpecialIds, batches, encode_examples, label_set, make_batch, pad_to,
                              read_records)
+from gpt_jax.runs import load_for_sampling, prepare_data, resolve_vocab, restore_params
+from gpt_jax.tokenizer import load_tokenizer
 
 SPECIAL_TOKENS = ("_start_", "_delimiter_", "_classify_")
 
@@ -128,10 +130,8 @@ def load_base(cfg: FinetuneConfig, config: Config, rng):
     """(GPTConfig, GPT params, tokenizer) to fine-tune: from init_from, or a random model whose
     tokenizer is prepared from `data` as for pretraining."""
     if cfg.init_from is None:
-        from gpt_jax.trainer import _resolve_vocab, prepare_data
-
         data = prepare_data(config)  # process 0 first in a multi-host run
-        model = _resolve_vocab(config, data.tokenizer).model
+        model = resolve_vocab(config, data.tokenizer).model
         return model, init_params(model, rng), data.tokenizer
     path = local_path(cfg.init_from)
     if not path.is_dir():
@@ -139,8 +139,6 @@ def load_base(cfg: FinetuneConfig, config: Config, rng):
                           "a Hugging Face GPT-2 / OpenAI-GPT directory, or a model name (gpt2, openai-gpt, ...)")
     if (path / "finetune.json").is_file():
         raise ConfigError(f"{path} is a fine-tuning run; init_from takes a pretrained model")
-    from gpt_jax.sample import load_for_sampling
-
     model, params, tokenizer = load_for_sampling(str(path))
     if cfg.reinit:
         params = init_params(model, rng)
@@ -340,9 +338,6 @@ class FinetuneTask:
 def load_finetuned(run_dir):
     """(GPTConfig, params, tokenizer, meta) of the best checkpoint of a fine-tuning run (of this or an
     earlier gpt_jax: the parameters are read by the checkpoint's own metadata)."""
-    from gpt_jax.tokenizer import load_tokenizer
-    from gpt_jax.trainer import restore_params
-
     run_dir = Path(run_dir)
     if not (run_dir / "finetune.json").is_file():
         raise ConfigError(f"{run_dir} is not a fine-tuning run (finetune.json is missing); "

@@ -24,7 +24,7 @@ from jax.experimental import io_callback
 
 from gpt_jax.config import GPTConfig
 from gpt_jax.attention import target_platform
-from gpt_jax.model import Block, _layer_norm, attention_mask_BTS, mask_padded_vocab
+from gpt_jax.model import Block, layer_norm, attention_mask_BTS, mask_padded_vocab
 
 
 class GenerateError(ValueError):
@@ -94,7 +94,7 @@ def _forward(config: GPTConfig, params, layers, tokens_BT, pos_BT, key_valid_BS,
             new_caches.append(cache)
     x_BTD = x_BTD[:, -1:]  # only the last position's logits are needed (prefill skips T - 1 of them)
     if config.norm == "pre":
-        x_BTD = _layer_norm(config, None).apply({"params": params["ln_f"]}, x_BTD)
+        x_BTD = layer_norm(config, None).apply({"params": params["ln_f"]}, x_BTD)
     logits_BV = _matmul_out_in(x_BTD[:, 0], embedding_VD.astype(dtype), target_platform(config))
     return mask_padded_vocab(config, logits_BV[:, None]), new_caches
 

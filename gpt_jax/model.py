@@ -120,7 +120,7 @@ def _dense(features, config: GPTConfig, name, axes, std=None):
     )
 
 
-def _layer_norm(config: GPTConfig, name):
+def layer_norm(config: GPTConfig, name):
     # flax computes LayerNorm statistics in at least fp32, even for bf16 inputs.
     return nn.LayerNorm(
         epsilon=config.layer_norm_epsilon,
@@ -261,7 +261,7 @@ class Block(nn.Module):
         self.sow("intermediates", "block_input", x_BTD)
         attn = CausalSelfAttention(cfg, self.deterministic, name="attn")
         mlp = MLP(cfg, self.deterministic, name="mlp")
-        ln_1, ln_2 = _layer_norm(cfg, "ln_1"), _layer_norm(cfg, "ln_2")
+        ln_1, ln_2 = layer_norm(cfg, "ln_1"), layer_norm(cfg, "ln_2")
         if cfg.norm == "pre":  # GPT-2
             a_BTD, cache = attn(ln_1(x_BTD), mask, cache, cache_index)
             x_BTD = x_BTD + a_BTD
@@ -339,7 +339,7 @@ class GPT(nn.Module):
         x_BTD, cache = blocks(cfg, deterministic, name="h")(x_BTD, mask, cache, cache_index)
 
         if cfg.norm == "pre":
-            x_BTD = _layer_norm(cfg, "ln_f")(x_BTD)
+            x_BTD = layer_norm(cfg, "ln_f")(x_BTD)
         # Output layer tied to the token embedding (GPT-1 section 3.1). Logits come out in fp32 for the
         # loss; with bf16 compute the matmul and its two backward matmuls are bf16 (einsum_f32).
         embedding_VD = nn.unbox(wte.embedding).astype(dtype)

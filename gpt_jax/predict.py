@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt_jax.cli import at_least, entry_point
+from gpt_jax.errors import at_least, entry_point
 from gpt_jax.config import FinetuneConfig
 
 

@@ -13,37 +13,10 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from gpt_jax.cli import at_least, entry_point
-from gpt_jax.config import ConfigError
+
+from gpt_jax.errors import at_least, entry_point
 from gpt_jax.generate import GenerateError, generate
-from gpt_jax.hub import local_path
-from gpt_jax.tokenizer import load_tokenizer
-
-
-def load_for_sampling(checkpoint: str, tokenizer_path: str | None = None, step: int | None = None):
-    """(GPTConfig, params, tokenizer) from a run directory (its best checkpoint, or the one at `step`),
-    a Hugging Face checkpoint directory, or a model name from the Hugging Face cache (`gpt_jax.hub`)."""
-    path = local_path(checkpoint)
-    if (path / "config.json").is_file():
-        if step is not None:
-            raise ConfigError(f"--step picks a checkpoint of a training run directory; {checkpoint} is a Hugging "
-                              "Face checkpoint with one set of weights")
-        from gpt_jax.pretrained import load_pretrained
-
-        config, params = load_pretrained(path)
-        if tokenizer_path:
-            tok = load_tokenizer(tokenizer_path)
-        elif (path / "vocab.json").is_file() or (path / "encoder.json").is_file():
-            tok = load_tokenizer(path)
-        else:
-            tok = load_tokenizer("gpt2" if config.norm == "pre" else "gpt1")
-        return config, params, tok
-    from gpt_jax.trainer import load_run
-
-    config, params, tok = load_run(path, step=step)
-    if tokenizer_path:
-        tok = load_tokenizer(tokenizer_path)
-    return config.model, params, tok
+from gpt_jax.runs import load_for_sampling
 
 
 class _Streamer:

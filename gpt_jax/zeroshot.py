@@ -26,6 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from gpt_jax.data import DataError
+from gpt_jax.records import field, read_records
+from gpt_jax.scoring import choice_accuracy, perplexity, scorer, split_continuation
 
 FILES = {
     "wikitext2": {"test": "wikitext-2/wiki.test.tokens", "valid": "wikitext-2/wiki.valid.tokens"},
@@ -89,8 +91,6 @@ def data_file(name: str, split: str | None, data_dir: str | os.PathLike | None =
 
 def language_modelling(config, params, tokenizer, text: str, detokenize, stride: int | None = None) -> dict:
     """Sliding-window perplexity of a detokenised WikiText / PTB text, per model token and per word."""
-    from gpt_jax.evaluate import perplexity
-
     r = perplexity(config, params, tokenizer.encode(detokenize(text)), stride)
     words = word_count(text)
     nll_total = r["nll"] * r["tokens"]
@@ -116,8 +116,6 @@ def lambada_examples(path: Path) -> list[tuple[str, str]]:
 
 def lambada(config, params, tokenizer, examples, batch_size: int = 16) -> dict:
     """Last-word accuracy (greedy, whole word) and perplexity of the target words."""
-    from gpt_jax.evaluate import _scorer, split_continuation
-
     C = config.n_positions
     seqs = []
     for context, word in examples:  # the target's tokens as the passage writes them (not a lone "▁" first)
@@ -127,7 +125,7 @@ def lambada(config, params, tokenizer, examples, batch_size: int = 16) -> dict:
         seq = (ctx + tgt)[-(C + 1):]
         seqs.append((seq, min(len(tgt), len(seq) - 1)))
     T = min(C + 1, max(len(s) for s, _ in seqs))
-    score = _scorer(config, with_argmax=True)
+    score = scorer(config, with_argmax=True)
     nll, correct = np.zeros(len(seqs)), np.zeros(len(seqs), bool)
     for i in range(0, len(seqs), batch_size):
         group = seqs[i:i + batch_size]
@@ -144,9 +142,6 @@ def lambada(config, params, tokenizer, examples, batch_size: int = 16) -> dict:
 
 def sst2(config, params, tokenizer, path) -> dict:
     """Zero-shot SST-2 accuracy by SST2_PROMPT, and the fraction predicted positive."""
-    from gpt_jax.evaluate import choice_accuracy
-    from gpt_jax.records import field, read_records
-
     records = [(no, {**r, "sentence": str(field(r, "sentence", path, no, "text")).strip()})
                for no, r in read_records(path)]  # SST-2's sentences end in a space
     r = choice_accuracy(config, params, tokenizer, records, path=path, **SST2_PROMPT)

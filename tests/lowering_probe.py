@@ -32,7 +32,7 @@ from gpt_jax.generate import _generate, split_layers  # noqa: E402
 from gpt_jax.model import init_params  # noqa: E402
 from gpt_jax.optim import make_optimizer, make_schedule  # noqa: E402
 from gpt_jax.parallel import make_strategy  # noqa: E402
-from gpt_jax.trainer import init_state, make_eval_step, make_train_step  # noqa: E402
+from gpt_jax.pretrain import init_state, make_eval_step, make_train_step  # noqa: E402
 
 T, N, BATCH = 1024, 12, 8
 

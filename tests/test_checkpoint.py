@@ -175,7 +175,7 @@ def test_restore_params_reads_the_best_the_last_or_a_kept_step_and_changes_nothi
 
     from gpt_jax.checkpoint import Checkpointer
     from gpt_jax.config import ConfigError
-    from gpt_jax.trainer import restore_params
+    from gpt_jax.runs import restore_params
 
     def save(run, best_step):
         ckpt = Checkpointer(run, keep=3)
@@ -212,7 +212,7 @@ def test_restore_params_reads_the_best_the_last_or_a_kept_step_and_changes_nothi
     # load_run: the same choice, with the run's config (one saved before padding existed reads unpadded)
     # and tokenizer
     from gpt_jax.config import load_config, save_config
-    from gpt_jax.trainer import load_run
+    from gpt_jax.runs import load_run
 
     config = load_config(None, ["model.preset=gpt2-tiny", "model.vocab_size=3"])
     save_config(config, tmp_path / "run" / "config.yaml")

@@ -168,11 +168,11 @@ def test_the_tokenizer_sets_or_bounds_the_model_vocabulary():
     GPT-1 BPE) must fit in it, equal or padded larger, or the run stops with a line naming the fix."""
     from types import SimpleNamespace
 
-    from gpt_jax.trainer import _resolve_vocab
+    from gpt_jax.runs import resolve_vocab
 
     def vocab(kind, size, model_size):
         config = load_config(None, ["model.preset=gpt2-tiny", f"model.vocab_size={model_size}"])
-        return _resolve_vocab(config, SimpleNamespace(kind=kind, vocab_size=size)).model.vocab_size
+        return resolve_vocab(config, SimpleNamespace(kind=kind, vocab_size=size)).model.vocab_size
 
     assert vocab("char", 40, 50257) == 40 and vocab("sentencepiece", 300, 256) == 300 and vocab("char", 40, 40) == 40
     assert vocab("gpt2", 50257, 50304) == 50304 and vocab("gpt2", 50257, 50257) == 50257

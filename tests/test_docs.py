@@ -46,7 +46,7 @@ def test_public_functions_take_params_as_init_returns_them(tmp_path):
     from flax import linen as nn
 
     from gpt_jax import GPT, GPTConfig, generate, load_pretrained, save_pretrained
-    from gpt_jax.evaluate import continuation_logprobs, perplexity
+    from gpt_jax.scoring import continuation_logprobs, perplexity
     from gpt_jax.tokenizer import CharTokenizer
     from gpt_jax.zeroshot import lambada
 

@@ -276,7 +276,7 @@ def test_finetune_from_a_pretrained_run_beats_chance_and_predicts(sst2, pretrain
 
     # pretrained rows unchanged: the fine-tuning run started from the pretrained weights
     from gpt_jax.finetune import load_base, load_finetuned
-    from gpt_jax.trainer import load_run
+    from gpt_jax.runs import load_run
 
     _, pre_params, _ = load_run(pretrained)
     model, ft_params, _, meta = load_finetuned(sst2 / "ft")
@@ -319,7 +319,7 @@ def test_zero_shot_evaluate_commands(sst2, pretrained):
 
 @pytest.mark.usefixtures("unoptimized")  # compares runs compiled alike (conftest.compiled_alike)
 def test_sliding_window_perplexity_and_choice_scores_against_direct_computation():
-    from gpt_jax.evaluate import continuation_logprobs, perplexity
+    from gpt_jax.scoring import continuation_logprobs, perplexity
 
     config = GPTConfig.preset("gpt2-tiny", vocab_size=50, n_positions=8)
     params = init_params(config, jax.random.key(0))
@@ -435,7 +435,7 @@ def test_transfer_layers_takes_the_first_blocks_and_initialises_the_rest(tmp_pat
 
 @pytest.mark.usefixtures("unoptimized")  # compares runs compiled alike (conftest.compiled_alike)
 def test_zero_shot_multiple_choice_picks_the_most_likely_choice(tmp_path):
-    from gpt_jax.evaluate import choice_accuracy, continuation_logprobs
+    from gpt_jax.scoring import choice_accuracy, continuation_logprobs
 
     config = GPTConfig.preset("gpt2-tiny", vocab_size=TOK.vocab_size, n_positions=16)
     params = init_params(config, jax.random.key(7))

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from gpt_jax.cli import run_training
+from gpt_jax.trainer import run_training
 from gpt_jax.config import load_config
 from gpt_jax.finetune import load_finetuned
 from gpt_jax.predict import predict_file

@@ -92,7 +92,7 @@ def test_gpt2_by_name_from_the_cache(no_network, monkeypatch, tmp_path):
 def test_openai_gpt_by_name_for_sampling_and_fine_tuning(no_network):
     from gpt_jax.config import FinetuneConfig
     from gpt_jax.finetune import load_base
-    from gpt_jax.sample import load_for_sampling
+    from gpt_jax.runs import load_for_sampling
 
     cache, calls = no_network
     bpe = data_path("gpt1-bpe")

@@ -85,7 +85,7 @@ def another_process_takes(run_dir) -> bool:
 
 def run_task(config, loop_cls=loop.Loop, **attrs):
     from gpt_jax.finetune import FinetuneTask
-    from gpt_jax.trainer import PretrainTask
+    from gpt_jax.pretrain import PretrainTask
 
     task = (FinetuneTask if config.mode == "finetune" else PretrainTask)(config, verbose=False)
     lp = loop_cls(task, verbose=False)
@@ -96,7 +96,7 @@ def run_task(config, loop_cls=loop.Loop, **attrs):
 
 def test_prefetch_and_steps_per_call_give_the_same_run_one_read_per_evaluation_and_true_rates(corpus, tmp_path, monkeypatch):
     from gpt_jax.data import eval_batches, prepare
-    from gpt_jax.trainer import make_eval_step
+    from gpt_jax.pretrain import make_eval_step
 
     reads, real_evaluate, real_get = [], loop.Loop._evaluate, jax.device_get
 
@@ -335,15 +335,15 @@ def test_multi_host_stop_check_runs_every_log_interval(corpus, tmp_path, monkeyp
 def test_process_0_prepares_the_data_before_the_others_look_for_it(monkeypatch, process):
     """In a multi-host run process 0 prepares the token files (showing its progress) and then meets the
     others at a barrier; every other process prepares (finds them in the shared cache) only after it, quietly."""
-    from gpt_jax import trainer
+    from gpt_jax import runs
 
     events = []
-    monkeypatch.setattr(trainer.jax, "process_index", lambda: process)
-    monkeypatch.setattr(trainer, "barrier", lambda name: events.append("barrier"))
+    monkeypatch.setattr(runs.jax, "process_index", lambda: process)
+    monkeypatch.setattr(runs, "barrier", lambda name: events.append("barrier"))
     config = load_config(None, LM)
-    monkeypatch.setattr(trainer, "prepare", lambda data, **kw: events.append(("prepare", kw)) or
+    monkeypatch.setattr(runs, "prepare", lambda data, **kw: events.append(("prepare", kw)) or
                         (data is config.data and "tokens"))
-    assert trainer.prepare_data(config, verbose=True) == "tokens"
+    assert runs.prepare_data(config, verbose=True) == "tokens"
     assert events == ([("prepare", {"verbose": True}), "barrier"] if process == 0
                       else ["barrier", ("prepare", {"verbose": False})])
 
@@ -356,13 +356,13 @@ def test_only_process_0_samples_and_not_from_a_mesh_sharded_across_processes(cor
     the model over several processes (sampling would need every one of them). A new task starts with no loss,
     and hands the loop its tokens per step, its parameters' logical axes and its state's shapes."""
 
-    from gpt_jax import trainer
+    from gpt_jax import pretrain, runs
     from gpt_jax.model import init_params, logical_axes
 
-    monkeypatch.setattr(trainer.jax, "process_index", lambda: index)
-    monkeypatch.setattr(trainer.jax, "process_count", lambda: count)
-    monkeypatch.setattr(trainer, "barrier", lambda name: None)
-    task = trainer.PretrainTask(lm_config(corpus, tmp_path / "run", f"parallel.strategy={strategy}"), verbose=False)
+    monkeypatch.setattr(pretrain.jax, "process_index", lambda: index)
+    monkeypatch.setattr(pretrain.jax, "process_count", lambda: count)
+    monkeypatch.setattr(runs, "barrier", lambda name: None)
+    task = pretrain.PretrainTask(lm_config(corpus, tmp_path / "run", f"parallel.strategy={strategy}"), verbose=False)
     assert task.can_sample is samples and math.isnan(task.last_loss)
     # what the loop takes from a task: tokens per step (batch 8 x 16 positions), the parameters' logical
     # axes for the mesh, and the state's shapes (those of the model's own parameters)
@@ -378,7 +378,9 @@ def test_each_evaluation_reports_its_losses_and_a_sample_of_the_configured_lengt
     train.sample_temperature, seeded by the step, as `sample_text` (what train.py prints at the end) gives it."""
     import dataclasses
 
-    from gpt_jax.trainer import PretrainTask, init_state, sample_text
+    from gpt_jax.pretrain import PretrainTask, init_state
+
+    from gpt_jax.runs import sample_text
 
     task = PretrainTask(lm_config(corpus, tmp_path / "run", "train.sample_tokens=5", "train.sample_prompt=ab",
                                   "train.sample_temperature=1.5"), verbose=False)
@@ -406,7 +408,7 @@ def test_sample_text_defaults_empty_prompt_and_a_sample_longer_than_the_context(
     import importlib
     import types
 
-    from gpt_jax.trainer import sample_text
+    from gpt_jax.runs import sample_text
 
     calls = []
 
@@ -441,7 +443,7 @@ def test_keep_every_keeps_those_steps_besides_the_newest_also_after_resuming(cor
     run_task(lm_config(corpus, tmp_path / "run", "train.steps=8", *keep))  # resumed from step 4
     assert on_disk() == [3, 6, 8]
     # a kept step restores as itself: the first 3 steps of the 4-step run, run again on their own
-    from gpt_jax.trainer import restore_params
+    from gpt_jax.runs import restore_params
 
     run_task(lm_config(corpus, tmp_path / "three", "train.steps=3", "optim.decay_steps=4", *keep))
     kept, newest = (jax.tree.leaves(restore_params(tmp_path / "run", step=s)) for s in (3, 8))
@@ -498,7 +500,8 @@ def test_predict_and_evaluate_read_new_and_earlier_fine_tuning_runs(ft_run, corp
     from gpt_jax import evaluate
     from gpt_jax.checkpoint import Checkpointer
     from gpt_jax.predict import predict_file
-    from gpt_jax.trainer import restore_params, train
+    from gpt_jax.runs import restore_params
+    from gpt_jax.trainer import train
 
     run_dir = ft_run[0]
     new = predict_file(run_dir, corpus / "dev.tsv", tmp_path / "new.tsv")
@@ -700,7 +703,7 @@ def wait_for(proc, ready, what):
 
 
 def last_params(run_dir):
-    from gpt_jax.trainer import restore_params
+    from gpt_jax.runs import restore_params
 
     return jax.tree.leaves(restore_params(run_dir, "last"))
 
@@ -833,9 +836,10 @@ def test_a_resumed_run_keeps_its_best_validation_loss(corpus, tmp_path, monkeypa
     one before it, or one only as good, leaves best/ alone (validation losses scripted: 2.0 at step 2, 3.0 at step
     4, 2.0 at step 6). The summary train() returns holds the run's last evaluation, step, parameters and tokenizer.
     Each evaluation prints its step line and a sample drawn from the parameters of that step."""
-    from gpt_jax import trainer
+    from gpt_jax import pretrain
     from gpt_jax.checkpoint import Checkpointer
-    from gpt_jax.trainer import PretrainTask, train
+    from gpt_jax.pretrain import PretrainTask
+    from gpt_jax.trainer import train
 
     scripted, real = {2: 2.0, 4: 3.0, 6: 2.0}, PretrainTask.eval_record
 
@@ -845,7 +849,7 @@ def test_a_resumed_run_keeps_its_best_validation_loss(corpus, tmp_path, monkeypa
 
     monkeypatch.setattr(PretrainTask, "eval_record", eval_record)
     samples = []  # (seed, parameters) of each sample drawn
-    monkeypatch.setattr(trainer, "sample_text", lambda config, params, tokenizer, prompt, n, seed, temperature:
+    monkeypatch.setattr(pretrain, "sample_text", lambda config, params, tokenizer, prompt, n, seed, temperature:
                         samples.append((seed, params)) or f"a sample of {n} tokens, seed {seed}")
     run_dir, args = tmp_path / "run", ("train.eval_every=2", "train.save_every=2", "train.sample_tokens=3")
 
@@ -867,7 +871,7 @@ def test_a_resumed_run_keeps_its_best_validation_loss(corpus, tmp_path, monkeypa
     assert after[0] == "a sample of 3 tokens, seed 4" and [seed for seed, _ in samples] == [2, 4]
     # what train() returns: the last evaluation, the step, the final parameters, the tokenizer, the time taken
     assert second["val_loss"] == 3.0 and second["step"] == 4 and 0 < second["seconds"] < 3600
-    from gpt_jax.trainer import restore_params
+    from gpt_jax.runs import restore_params
 
     for a, b, c in zip(jax.tree.leaves(second["params"]), jax.tree.leaves(restore_params(run_dir, "last")),
                        jax.tree.leaves(samples[-1][1]), strict=True):

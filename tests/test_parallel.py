@@ -137,7 +137,7 @@ def test_checkpoints_move_between_strategies_and_device_counts(tmp_path, corpus)
     # the step the 4-device mesh saved reads in this one-device process, on its device, as the reference's step 4
     import jax
 
-    from gpt_jax.trainer import restore_params
+    from gpt_jax.runs import restore_params
 
     moved, ref = (jax.tree.leaves(restore_params(tmp_path / out, step=4)) for out in ("moved", "ref"))
     for a, b in zip(moved, ref, strict=True):
@@ -300,7 +300,7 @@ def test_state_shardings_give_each_adam_moment_its_parameter_sharding():
     from gpt_jax.model import logical_axes
     from gpt_jax.optim import make_optimizer
     from gpt_jax.parallel import state_shardings
-    from gpt_jax.trainer import init_state
+    from gpt_jax.pretrain import init_state
 
     config = load_config(None, ["model.preset=gpt2-tiny"])
     abstract = jax.eval_shape(lambda: init_state(config, make_optimizer(config.optim, 10)))
@@ -434,7 +434,7 @@ MESH_PLACEMENT = textwrap.dedent("""
     from gpt_jax.config import load_config
     from gpt_jax.optim import make_optimizer
     from gpt_jax.parallel import Mesh
-    from gpt_jax.trainer import init_state
+    from gpt_jax.pretrain import init_state
 
     config = load_config(None, ["model.preset=gpt2-tiny", "model.n_head=4", "parallel.strategy=mesh", "parallel.data=2",
                                 "parallel.fsdp=2", "parallel.tensor=2", "train.batch_size=16", "optim.grad_accum=2"])
@@ -503,7 +503,7 @@ def test_a_one_device_mesh_names_it():
     from gpt_jax.config import load_config
     from gpt_jax.optim import make_optimizer
     from gpt_jax.parallel import Mesh
-    from gpt_jax.trainer import init_state
+    from gpt_jax.pretrain import init_state
 
     config = load_config(None, ["model.preset=gpt2-tiny", "parallel.strategy=mesh", "train.batch_size=3"])
     abstract = jax.eval_shape(lambda: init_state(config, make_optimizer(config.optim, 10)))
@@ -518,7 +518,7 @@ def test_make_strategy_builds_the_strategy_the_config_names():
     from gpt_jax.config import load_config
     from gpt_jax.optim import make_optimizer
     from gpt_jax.parallel import Mesh, Pmap, Single, make_strategy
-    from gpt_jax.trainer import init_state
+    from gpt_jax.pretrain import init_state
 
     for kind, cls in (("single", Single), ("pmap", Pmap), ("mesh", Mesh)):
         config = load_config(None, ["model.preset=gpt2-tiny", f"parallel.strategy={kind}"])

@@ -12,7 +12,8 @@ import pytest
 from conftest import compiled_alike
 from gpt_jax.config import load_config
 from gpt_jax.model import GPT, lm_loss
-from gpt_jax.trainer import load_run, train
+from gpt_jax.runs import load_run
+from gpt_jax.trainer import train
 
 PERIOD = 32  # the corpus repeats every 32 characters: with n_positions=31 every window of an epoch is the same
 MODEL = ["model.preset=gpt2-tiny", "model.n_layer=1", "model.n_embd=32", "model.n_head=2",
@@ -153,7 +154,7 @@ def test_best_holds_the_lowest_validation_loss(epoch_runs):
 def test_finetuning_starts_from_the_init_from_weights(epoch_runs, tmp_path):
     """Two fine-tuning steps at learning rate 1e-6 leave the transformer where `init_from` put it (the run's
     best checkpoint), within what two AdamW steps can move (a few times lr each)."""
-    from gpt_jax.cli import run_training
+    from gpt_jax.trainer import run_training
     from gpt_jax.finetune import load_finetuned
 
     pretrained = epoch_runs[0]
@@ -177,7 +178,7 @@ def test_the_training_loss_applies_dropout_when_any_one_rate_is_set(kind):
     """Each of the three dropout rates alone turns dropout on in the training loss (two keys, two losses);
     with all three at 0 the loss is the plain forward pass's, whatever the key, and so is the evaluation loss."""
     from gpt_jax.model import init_params
-    from gpt_jax.trainer import make_eval_step, make_loss_fn
+    from gpt_jax.pretrain import make_eval_step, make_loss_fn
 
     rates = [f"model.{k}_pdrop={0.5 if k == kind else 0}" for k in ("embd", "attn", "resid")]
     config = load_config(None, [*MODEL, *rates])

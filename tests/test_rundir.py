@@ -124,7 +124,7 @@ def test_full_disk_is_one_line(tmp_path, corpus):
 
 
 def test_filesystem_errors_are_explained_through_exception_chains():
-    from gpt_jax.cli import EXIT_FILESYSTEM, explain
+    from gpt_jax.errors import EXIT_FILESYSTEM, explain
 
     code, message = explain(PermissionError(errno.EACCES, "Permission denied", "/runs/x/.lock"))
     assert code == EXIT_FILESYSTEM and message.startswith("Permission denied: /runs/x/.lock;")

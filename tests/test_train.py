@@ -268,7 +268,7 @@ def test_bf16_compute_keeps_fp32_master_parameters():
 
     from gpt_jax.config import load_config
     from gpt_jax.optim import make_optimizer, make_schedule
-    from gpt_jax.trainer import init_state, make_train_step
+    from gpt_jax.pretrain import init_state, make_train_step
 
     config = load_config(None, ["model.preset=gpt2-tiny", "model.dtype=bfloat16", "train.batch_size=4"])
     optimizer = make_optimizer(config.optim, 10)

@@ -1,4 +1,4 @@
-"""What every command line shares: expected failures become one line on stderr and an exit code.
+"""The error convention every command shares: expected failures become one line on stderr and an exit code.
 
     2  a setting, input file, data source, tokenizer or prompt is wrong (argparse's code too)
     3  training stopped on a non-finite loss
@@ -16,7 +16,6 @@ import errno
 import functools
 import os
 import re
-import signal
 import sys
 
 EXIT_USAGE, EXIT_NONFINITE, EXIT_RUN, EXIT_FILESYSTEM, EXIT_WEIGHTS = 2, 3, 4, 5, 6
@@ -101,39 +100,3 @@ def at_least(low: int):
         return value
 
     return parse
-
-
-@entry_point
-def run_training(config_path, overrides, dry_run: bool = False) -> int:
-    """What train.py calls: load the config, train (or fine-tune), report."""
-    from gpt_jax.config import load_config
-
-    config = load_config(config_path, overrides)
-    from gpt_jax.distributed import initialize
-
-    initialize(config.parallel)  # multi-host: before anything touches a device
-    from gpt_jax.trainer import dry_run as compile_only, sample_text, train
-
-    if dry_run:
-        compile_only(config)
-        return 0
-    result = train(config)
-    if result["interrupted"]:
-        return 128 + signal.Signals[result["interrupted"]].value
-    import jax
-
-    if jax.process_index() != 0:  # process 0 reports for a multi-host run
-        return 0
-    tc = result["config"].train
-    if config.mode == "finetune":
-        best = result["best_dev_accuracy"]
-        print(f"done: step {result['step']} of {tc.steps} ({tc.steps // tc.eval_every} epochs), "
-              f"{result['seconds']:.0f} s" + (f", best dev accuracy {best:.4f}" if best is not None else "")
-              + f"; run in {result['run_dir']}")
-        return 0
-    print(f"done: step {result['step']}, train loss {result.get('loss', float('nan')):.4f}, "
-          f"val loss {result.get('val_loss', float('nan')):.4f}, {result['seconds']:.0f} s; run in {tc.out_dir}")
-    if tc.sample_tokens > 0 and (jax.process_count() == 1 or result["config"].parallel.strategy != "mesh"):
-        print("sample:\n" + sample_text(result["config"], result["params"], result["tokenizer"], tc.sample_prompt,
-                                        tc.sample_tokens, seed=tc.seed, temperature=tc.sample_temperature))
-    return 0
