@@ -257,14 +257,14 @@ class Mesh(Single):
 
     name = "mesh"
 
-    def __init__(self, config: Config, abstract_state, specs=None):
-        self.mesh = make_mesh(config.parallel)
+    def __init__(self, config: Config, abstract_state, specs=None, devices=None):
+        self.mesh = make_mesh(config.parallel, devices)  # devices: e.g. a deviceless topology's, to compile for it
         self.n_devices = self.mesh.size
         self.accounting = check_batch(config, self.mesh.shape["data"] * self.mesh.shape["fsdp"])
         self.state_sh = state_shardings(config, self.mesh, abstract_state, specs)
 
     def describe(self) -> str:
-        return f"mesh {dict(self.mesh.shape)} over {self.n_devices} devices ({jax.devices()[0].device_kind})"
+        return f"mesh {dict(self.mesh.shape)} over {self.n_devices} devices ({self.mesh.devices.flat[0].device_kind})"
 
     def restore_target(self, abstract):
         return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, self.state_sh)
@@ -322,11 +322,13 @@ def validate(config: Config) -> None:
         check_batch(config, jax.device_count() if kind == "pmap" else 1)
 
 
-def make_strategy(config: Config, abstract_state, specs=None):
-    """The strategy `parallel.strategy` names; `specs` are the parameters' logical axes (default: the GPT's)."""
+def make_strategy(config: Config, abstract_state, specs=None, devices=None):
+    """The strategy `parallel.strategy` names; `specs` are the parameters' logical axes (default: the GPT's).
+    `devices` (mesh only; default: jax.devices()) may be another platform's, e.g. a deviceless TPU or GPU
+    topology's, to compile the step for that target on this host."""
     kind = config.parallel.strategy
     if kind == "pmap":
         return Pmap(config)
     if kind == "mesh":
-        return Mesh(config, abstract_state, specs)
+        return Mesh(config, abstract_state, specs, devices)
     return Single(config)

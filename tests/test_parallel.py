@@ -444,6 +444,10 @@ MESH_PLACEMENT = textwrap.dedent("""
     assert mesh.describe() == "mesh {'data': 2, 'fsdp': 2, 'tensor': 2} over 8 devices (cpu)", mesh.describe()
     # 16 sequences in 2 micro-batches of 8, split over data x fsdp = 4 shards
     assert (mesh.accounting["per_device_batch"], mesh.accounting["grad_accum"]) == (2, 2), mesh.accounting
+    # devices given (as a deviceless TPU / GPU topology's are, to compile for it): the mesh is over those
+    half = Mesh(load_config(None, ["model.preset=gpt2-tiny", "parallel.strategy=mesh", "parallel.data=1",
+                                   "parallel.fsdp=2", "parallel.tensor=2"]), abstract, devices=jax.devices()[4:])
+    assert list(half.mesh.devices.flat) == jax.devices()[4:] and half.n_devices == 4, half.mesh
 
     def check(got_shardings, want_shardings, shapes, what):
         got, want, shapes = jax.tree.leaves(got_shardings), jax.tree.leaves(want_shardings), jax.tree.leaves(shapes)
