@@ -16,11 +16,14 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layer=6 optim.lr=3e-4")
     parser.add_argument("--dry-run", action="store_true",
                         help="compile one step, print per-device memory, train nothing")
+    parser.add_argument("--compile-for", metavar="TARGET",
+                        help="compile the run's programs for TARGET (v5e-8, h100x8, ...) with its real compiler, "
+                             "report memory per device, train nothing; 'list' names the targets")
     args = parser.parse_args(argv)
 
     from gpt_jax.trainer import run_training
 
-    return run_training(args.config, args.overrides, compile_only=args.dry_run)
+    return run_training(args.config, args.overrides, compile_only=args.dry_run, compile_for=args.compile_for)
 
 
 if __name__ == "__main__":

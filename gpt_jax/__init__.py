@@ -4,11 +4,12 @@ The package in layers, top to bottom. A module imports from its own layer or the
 from above and never in a circle, and never another module's _private names (tests/test_layers.py
 reads this table and checks every import, those inside functions included):
 
-    commands  trainer (train.py), sample, predict, evaluate, bench        thin mains: parse, call, print
+    commands  trainer (train.py), aot, sample, predict, evaluate, bench   thin mains: parse, call, print
     tasks     pretrain, finetune, zeroshot             what the loop trains on; the zero-shot benchmarks
     loop      loop                      state, steps, checkpoints, resume, signals, logging: no task
     runs      runs                      a run directory's data, config, tokenizer, params and samples
-    services  data, records, optim, parallel, checkpoint, runlog, generate, flops, pretrained, scoring
+    services  data, records, optim, parallel, checkpoint, runlog, generate, flops, pretrained, scoring,
+              targets
     model     model, attention                              linen modules and kernels by platform
     base      config, errors, normalize, tokenizer, hub, rundir, distributed
 """

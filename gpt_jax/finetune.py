@@ -287,6 +287,11 @@ class FinetuneTask:
             yield jax.tree.map(lambda x: x.reshape((A, x.shape[0] // A) + x.shape[1:]), batch), \
                 {"epoch": epoch, "cursor": cursor}
 
+    def batch_shapes(self):
+        """One global batch as the step takes it (the shapes of the first batch of a one-process run)."""
+        batch, _ = next(self.batches({"epoch": 0, "cursor": 0}))
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+
     def evaluate(self, params, dev):
         """Dev-set correct answers and summed negative log-likelihood of the gold answers."""
         def one(batch):

@@ -234,6 +234,27 @@ def _generate(params, layers, tokens_BP, lengths_B, max_new, rng, temperature, t
     return seq_BW[:, C + P:], n_B
 
 
+def trace(config: GPTConfig, params, batch: int, prompt_len: int, max_new_tokens: int, sharding=None,
+          top_k: int | None = 200):
+    """`generate`'s one compiled function traced for `batch` prompts of `prompt_len` tokens, from shapes:
+    `params` may be `jax.ShapeDtypeStruct`s, and every input is placed by `sharding` (one device, perhaps
+    of another platform). Shapes are bucketed as `generate` buckets them. Lower and compile the result to
+    build the program without running it (`gpt_jax.aot`)."""
+    def shaped(x):
+        return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x) if not hasattr(x, "dtype") else x.dtype,
+                                    sharding=sharding)
+
+    params = jax.tree.map(shaped, nn.unbox(params))
+    layers = jax.tree.map(shaped, jax.eval_shape(split_layers, params))
+    B, P = _bucket(batch), _bucket(prompt_len, 8)
+    scalars = (np.int32(max_new_tokens), jax.eval_shape(lambda: jax.random.key(0)), np.float32(1.0),
+               np.int32(top_k or 0), np.float32(1.0), np.zeros(1, np.int32))
+    args = (params, layers, jax.ShapeDtypeStruct((B, P), jnp.int32, sharding=sharding),
+            jax.ShapeDtypeStruct((B,), jnp.int32, sharding=sharding), *map(shaped, scalars))
+    return _generate.trace(*args, config=config, max_new_bucket=_bucket(max_new_tokens), greedy=False,
+                           k_bucket=top_k_bucket(top_k, config.vocab_size))
+
+
 def validate(config: GPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
              top_k, top_p) -> None:
     if not prompts:

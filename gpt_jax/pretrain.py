@@ -79,17 +79,23 @@ class PretrainTask:
 
     kind = "train"
 
-    def __init__(self, config: Config, verbose: bool = True):
-        validate_parallel(config)  # batch / mesh errors before reading any data
-        self.data = prepare_data(config, verbose)
-        self.config = config = resolve_vocab(config, self.data.tokenizer)
-        self.tokenizer = self.data.tokenizer
+    def __init__(self, config: Config, verbose: bool = True, read_data: bool = True):
+        """`read_data=False`: the task from the config alone (its vocabulary, no corpus read), for compiling
+        its programs for a target (`gpt_jax.aot`); its evaluation data are then shapes, not tokens."""
+        self.data = self.tokenizer = None
+        if read_data:
+            validate_parallel(config)  # batch / mesh errors before reading any data
+            self.data = prepare_data(config, verbose)
+            config = resolve_vocab(config, self.data.tokenizer)
+            self.tokenizer = self.data.tokenizer
+            check_batches(self.data, config.model.n_positions, config.train.batch_size)  # before the run dir
+        self.config = config
         tc, T = config.train, config.model.n_positions
-        check_batches(self.data, T, tc.batch_size)  # data errors before the run directory is touched
         self.optimizer, self.schedule = make_optimizer(config.optim, tc.steps), make_schedule(config.optim, tc.steps)
         self.param_specs = logical_axes(config.model)
         self.seq_len, self.tokens_per_step = T, tc.batch_size * T
-        self.eval_data = np.stack(eval_batches(self.data.tokens("val"), T, tc.batch_size, tc.eval_batches))
+        self.eval_data = (np.stack(eval_batches(self.data.tokens("val"), T, tc.batch_size, tc.eval_batches)) if read_data
+                          else jax.ShapeDtypeStruct((tc.eval_batches, tc.batch_size, T + 1), jnp.int32))
         self.loss = make_share_loss(config)
         self._eval_step = make_eval_step(config)
         # Sampling runs on one process: a model sharded across processes would need all of them.
@@ -114,6 +120,11 @@ class PretrainTask:
         while True:
             batch = sampler.next()
             yield batch.reshape(A, batch.shape[0] // A, T + 1), sampler.state()
+
+    def batch_shapes(self):
+        """One global batch as the step takes it: [A, B / A, T + 1] token ids."""
+        A, tc = self.config.optim.grad_accum, self.config.train
+        return jax.ShapeDtypeStruct((A, tc.batch_size // A, self.seq_len + 1), jnp.int32)
 
     def evaluate(self, params, batches_NBT1):
         return {"loss_sum": jax.lax.map(lambda b: self._eval_step(params, b), batches_NBT1).sum()}

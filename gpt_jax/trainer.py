@@ -15,6 +15,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from gpt_jax import aot
 from gpt_jax.config import Config, ConfigError, load_config
 from gpt_jax.distributed import initialize
 from gpt_jax.errors import entry_point
@@ -73,8 +74,16 @@ def dry_run(config: Config) -> dict:
 
 
 @entry_point
-def run_training(config_path, overrides, compile_only: bool = False) -> int:
-    """What train.py calls: load the config, train (or fine-tune), report; `compile_only`: --dry-run."""
+def run_training(config_path, overrides, compile_only: bool = False, compile_for: str | None = None) -> int:
+    """What train.py calls: load the config, train (or fine-tune), report; `compile_only`: --dry-run;
+    `compile_for`: compile for that target (`gpt_jax.aot`), or list the targets."""
+    if compile_for is not None:
+        aot.check_name(compile_for)  # an unknown target before the config is read
+        if compile_for == "list":
+            aot.compile_for(None, "list")
+            return 0
+        aot.compile_for(load_config(config_path, overrides), compile_for)
+        return 0
     config = load_config(config_path, overrides)
     initialize(config.parallel)  # multi-host: before anything touches a device
     if compile_only:

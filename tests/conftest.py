@@ -12,8 +12,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import jax
-import pytest
+# The suite runs on the CPU. The TPU and GPU compilers the test extras install (tests/test_compile.py) would
+# otherwise be started as backends of their own, looking for hardware that is not there; this process and
+# every process a test starts keep to the CPU, and compile for those targets from their topologies alone.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")  # silent broadcasting bugs become errors
 

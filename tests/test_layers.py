@@ -15,13 +15,18 @@ FACADE = "__init__"  # `from gpt_jax import name`: the public names, for callers
 
 
 def layers() -> dict[str, int]:
-    """{module: layer}, 0 = top, from the table in the package docstring."""
+    """{module: layer}, 0 = top, from the table in the package docstring (a row may go on on the next line)."""
     doc = ast.get_docstring(ast.parse((PACKAGE / "__init__.py").read_text()))
-    rows = [line.split(None, 1) for line in doc.splitlines() if re.match(r"    \w+  ", line)]
+    rows = []
+    for line in doc.splitlines():
+        if re.match(r"    \w+  ", line):
+            rows.append(line.split(None, 1)[1])
+        elif rows and re.match(r" {10,}\w", line):
+            rows[-1] += ", " + line.strip()
     table = {}
-    for depth, (_, rest) in enumerate(rows):
-        names = re.split(r"\s{2,}", rest.strip())[0]
-        for name in re.findall(r"\b(\w+)\b(?! \()", names.replace("(train.py)", "")):
+    for depth, rest in enumerate(rows):
+        names = re.split(r"\s{2,}", rest.strip())[0]  # the modules, before the row's description
+        for name in re.findall(r"\b(\w+)\b", names.replace("(train.py)", "")):
             table[name] = depth
     return table
 
