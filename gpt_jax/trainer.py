@@ -8,7 +8,6 @@ The loop (`gpt_jax.loop`) knows no task; this is the one place that picks the ta
 from __future__ import annotations
 
 import dataclasses
-import math
 import signal
 import time
 
@@ -56,12 +55,10 @@ def dry_run(config: Config) -> dict:
     t = time.time()
     compiled = step.lower(target, batch).compile()
 
-    def per_device(tree):
-        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
     analysis = compiled.memory_analysis()
-    report = {"strategy": strategy.describe(), "compile_s": time.time() - t, "params_bytes": per_device(target.params),
-              "opt_state_bytes": per_device(target.opt_state),
+    report = {"strategy": strategy.describe(), "compile_s": time.time() - t,
+              "params_bytes": aot.per_device_bytes(target.params),
+              "opt_state_bytes": aot.per_device_bytes(target.opt_state),
               "temp_bytes": int(getattr(analysis, "temp_size_in_bytes", 0) or 0),
               "argument_bytes": int(getattr(analysis, "argument_size_in_bytes", 0) or 0)}
     gib = 2**30
