@@ -416,7 +416,7 @@ def test_sample_text_defaults_empty_prompt_and_a_sample_longer_than_the_context(
         calls.append((model.vocab_size, prompts, n, kw))
         return [[5] * n], None
 
-    monkeypatch.setattr(importlib.import_module("gpt_jax.generate"), "generate", generate)
+    monkeypatch.setattr(importlib.import_module("gpt_jax.runs"), "generate", generate)
     big, small = (load_config(None, ["model.preset=gpt2-tiny", "model.n_positions=16", f"model.vocab_size={v}"])
                   for v in (512, 100))
     tok = types.SimpleNamespace(encode=lambda s: [ord(c) for c in s], decode=lambda ids: "".join("f" for _ in ids),
