@@ -59,14 +59,14 @@ def test_wandb_gets_every_number_of_metrics_jsonl_at_its_step_and_a_resume_conti
     from gpt_jax.trainer import train
 
     monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
     monkeypatch.setenv("WANDB_SILENT", "true")
-    (tmp_path / "wb").mkdir()
     for steps in (4, 6):  # the second run resumes the first from its checkpoint at step 4
+        monkeypatch.setenv("WANDB_DIR", str(tmp_path / f"wb{steps}"))  # W&B names its folders by the second
+        (tmp_path / f"wb{steps}").mkdir()
         train(load_config(None, args(tmp_path, f"train.steps={steps}", "train.wandb_project=gpt-jax-test",
                                      "train.wandb_name=tiny")), verbose=False)
     run_id = (tmp_path / "run" / "wandb_run_id").read_text().strip()
-    files = sorted((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    files = [f for steps in (4, 6) for f in (tmp_path / f"wb{steps}" / "wandb").glob("offline-run-*/run-*.wandb")]
     assert [f.name for f in files] == [f"run-{run_id}.wandb"] * 2  # one W&B run, written in two sittings
     logged = {}
     for f in files:
