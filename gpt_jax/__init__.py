@@ -5,7 +5,7 @@ from above and never in a circle, and never another module's _private names (tes
 reads this table and checks every import, those inside functions included):
 
     commands  trainer (train.py), aot, sample, predict, evaluate, bench   thin mains: parse, call, print
-    tasks     pretrain, finetune, zeroshot             what the loop trains on; the zero-shot benchmarks
+    tasks     pretrain, finetune, zeroshot, hellaswag  what the loop trains on; the zero-shot benchmarks
     loop      loop                      state, steps, checkpoints, resume, signals, logging: no task
     runs      runs                      a run directory's data, config, tokenizer, params and samples
     services  data, records, optim, parallel, checkpoint, runlog, generate, flops, pretrained, scoring,

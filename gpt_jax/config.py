@@ -224,8 +224,15 @@ def _keep_every_saved(t) -> None:
                           f"those steps may never be saved; set keep_every to a multiple of {t.save_every}")
 
 
+def _wandb_project_named(t) -> None:
+    if t.wandb_project == "":
+        raise ConfigError("train.wandb_project is empty; name the Weights & Biases project, or leave it unset")
+    if t.wandb_name is not None and t.wandb_project is None:
+        raise ConfigError("train.wandb_name names a run of a Weights & Biases project: set train.wandb_project too")
+
+
 @dataclass(frozen=True)
-@_checked("train", _out_dir_usable, _keep_every_saved)
+@_checked("train", _out_dir_usable, _keep_every_saved, _wandb_project_named)
 class TrainConfig:
     seed: int = 0
     batch_size: int = 12  # global batch, in sequences per optimizer step
@@ -241,6 +248,10 @@ class TrainConfig:
     sample_tokens: int = 0  # >0 prints a sample of this many tokens at each eval
     sample_prompt: str = "\n"
     sample_temperature: float = 0.8
+    # Weights & Biases (pip install -e ".[wandb]"): the project that gets the metrics TensorBoard gets, at the
+    # same steps, and the run's display name (default: W&B's). None: no W&B, and nothing of wandb is imported.
+    wandb_project: Optional[str] = None
+    wandb_name: Optional[str] = None
 
 
 @dataclass(frozen=True)

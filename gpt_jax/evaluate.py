@@ -4,7 +4,7 @@
     python -m gpt_jax.evaluate --checkpoint PATH choice --input dev.tsv --labels 0 1 \\
         --candidates " terrible" " great" [--template "{text} it was"] [--text-field sentence --label-field label]
     python -m gpt_jax.evaluate --checkpoint PATH choice --input mc.jsonl --text-field context --choices-field endings
-    python -m gpt_jax.evaluate --checkpoint PATH benchmark wikitext2|ptb|lambada|sst2 [--data-dir DIR] [--stride 512]
+    python -m gpt_jax.evaluate --checkpoint PATH benchmark wikitext2|ptb|lambada|sst2|hellaswag [--data-dir DIR] [--stride 512]
     python -m gpt_jax.evaluate --checkpoint RUN --step 3000 ...   # a kept checkpoint of a training run
 
 `perplexity` slides a window of the model's context over the text with the given stride, as in the
@@ -14,7 +14,8 @@ prompt and predicts the most likely: for classification the candidates stand for
 order; for multiple choice they are each example's choices. A candidate's tokens are those that
 follow the prompt's in the encoding of prompt + candidate (how the model saw such text in training).
 `benchmark` runs the GPT-2 paper's zero-shot protocol on a published test set, or GPT-1's zero-shot
-SST-2 heuristic (see `gpt_jax.zeroshot`). `--step` evaluates the checkpoint a training run kept at
+SST-2 heuristic (see `gpt_jax.zeroshot`), or HellaSwag as lm-evaluation-harness and llm.c score it
+(see `gpt_jax.hellaswag`). `--step` evaluates the checkpoint a training run kept at
 that step (`train.keep_every`) instead of its best.
 """
 
@@ -23,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gpt_jax import zeroshot
+from gpt_jax import hellaswag, zeroshot
 from gpt_jax.config import ConfigError
 from gpt_jax.data import read_text
 from gpt_jax.errors import at_least, entry_point
@@ -51,16 +52,20 @@ def main(argv=None) -> int:
     ch.add_argument("--choices-field", help="multiple choice: the field with each example's list of choices")
     ch.add_argument("--template", default="{text}", help="the prompt, with {text} for the example's text")
     bench = sub.add_parser("benchmark", help="WikiText-2 / PTB perplexity or LAMBADA accuracy (GPT-2 paper "
-                           "protocol), SST-2 accuracy (GPT-1's ' very' heuristic)")
-    bench.add_argument("name", choices=["wikitext2", "ptb", "lambada", "sst2"])
-    bench.add_argument("--split", help="test (sst2: dev) unless given")
-    bench.add_argument("--data-dir", help="the folder holding wikitext-2/, ptb/, lambada/, sst2/ (default "
+                           "protocol), SST-2 accuracy (GPT-1's ' very' heuristic), HellaSwag accuracy (lm-eval, llm.c)")
+    bench.add_argument("name", choices=sorted(zeroshot.FILES))
+    bench.add_argument("--split", help="test (sst2: dev, hellaswag: val) unless given")
+    bench.add_argument("--data-dir", help="the folder holding wikitext-2/, ptb/, lambada/, sst2/, hellaswag/ (default "
                        "$GPT_JAX_DATA or ../shared/data)")
     bench.add_argument("--stride", type=at_least(1),
                        help="WikiText / PTB: tokens the window moves (default: the context)")
     args = parser.parse_args(argv)
     if args.what == "benchmark":
-        zeroshot.data_file(args.name, args.split, args.data_dir)  # a missing file before the model loads
+        path = zeroshot.data_file(args.name, args.split, args.data_dir)  # a missing file before the model loads
+        if args.name == "hellaswag":  # and a malformed one; a file that is not the published one is said at once
+            _, warning = hellaswag.read_examples(path)
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr, flush=True)
         config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer, args.step)
         print(zeroshot.describe(zeroshot.run(args.name, config, params, tok, args.split, args.data_dir, args.stride)))
         return 0

@@ -302,7 +302,7 @@ class Loop:
     def run(self) -> dict:
         self._compile()
         tc = self.tc
-        self.log = MetricsLog(self.run_dir, self.main)
+        self.log = MetricsLog(self.run_dir, self.main, self.config)
         self.bar = tqdm(total=tc.steps, initial=self.start, desc=self.task.kind, disable=not self.verbose,
                         dynamic_ncols=True, file=sys.stdout, mininterval=1.0)
         self.note = self.bar.write if self.verbose else (lambda *a: None)  # tqdm.write prints even when disabled
@@ -310,7 +310,7 @@ class Loop:
         signals = Signals()
         chunks = Prefetcher(placed_chunks(self.task, self.strategy, self.start, self.data_state, tc.steps_per_call),
                             self.config.data.prefetch)
-        self.done_step = self.start
+        self.done_step, finished = self.start, False
         try:
             for first, n, batch, data_state in chunks:
                 self.state, metrics = self.step_fns[min(n, 2)](self.state, batch)
@@ -326,13 +326,14 @@ class Loop:
                     self._stopped(signals, last)
                     break
             self._flush()
+            finished = True
         finally:
             chunks.close()
             self.bar.close()
             signals.restore()
             self.ckpt.wait()
             self.ckpt.close()
-            self.log.close()
+            self.log.close(failed=not finished)  # W&B marks a run that raised as failed
             if self.lock is not None:
                 self.lock.release()
         return self._finish()

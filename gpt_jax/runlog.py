@@ -1,41 +1,86 @@
-"""What a run writes besides checkpoints: metrics.jsonl, TensorBoard events and loss.png."""
+"""What a run writes besides checkpoints: metrics.jsonl, TensorBoard events and loss.png, and the same
+metrics to Weights & Biases when train.wandb_project is set."""
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import socket
 import struct
 import time
 from pathlib import Path
 
+from gpt_jax.config import ConfigError
 from gpt_jax.rundir import drop_torn_line, read_jsonl
+
+WANDB_INSTALL = 'pip install -e ".[wandb]"'
+WANDB_ID = "wandb_run_id"  # in the run directory: a resumed run continues the same W&B run
 
 
 class MetricsLog:
-    """metrics.jsonl + TensorBoard events in the run directory (process 0 only)."""
+    """metrics.jsonl + TensorBoard events in the run directory (process 0 only), and W&B when `config`
+    names a project: every number of a record, as `kind/name` at the record's step."""
 
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.enabled = enabled
+    def __init__(self, run_dir: Path, enabled: bool, config=None):
+        self.enabled, self.wandb = enabled, None
         if enabled:
             drop_torn_line(run_dir / "metrics.jsonl")  # a writer that died mid-line
             self.file = open(run_dir / "metrics.jsonl", "a")
             self.tb = EventWriter(run_dir / "tensorboard")
+            if config is not None and config.train.wandb_project is not None:
+                self.wandb = start_wandb(run_dir, config)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        for k, v in record.items():
-            if k not in ("step", "kind") and isinstance(v, (int, float)):
-                self.tb.scalar(f"{record['kind']}/{k}", v, record["step"])
+        scalars = {f"{record['kind']}/{k}": v for k, v in record.items()
+                   if k not in ("step", "kind") and isinstance(v, (int, float))}
+        for tag, v in scalars.items():
+            self.tb.scalar(tag, v, record["step"])
         self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=record["step"])
 
-    def close(self):
+    def close(self, failed: bool = False):
         if self.enabled:
             self.file.close()
             self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish(exit_code=1 if failed else 0)
+
+
+def require_wandb(train) -> None:
+    """train.wandb_project needs the wandb package: one line saying how to install it, before any data is
+    prepared or anything compiles. Without a project nothing of wandb is imported."""
+    if train.wandb_project is None:
+        return
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"train.wandb_project={train.wandb_project} logs to Weights & Biases, but the wandb package "
+                          f"is not installed: {WANDB_INSTALL} (or pip install wandb), or unset train.wandb_project") from None
+
+
+def start_wandb(run_dir: Path, config):
+    """The run's W&B run, with its resolved config. Its id is kept in the run directory, so a resumed run
+    continues it (resume="allow"); a step W&B already has keeps its first values, which a resumed run
+    reproduces exactly anyway. WANDB_MODE (offline, disabled) is W&B's own; its files go in the run
+    directory unless WANDB_DIR says where."""
+    import wandb
+
+    id_file = run_dir / WANDB_ID
+    if not id_file.is_file():
+        id_file.write_text(secrets.token_hex(8) + "\n")  # W&B ids: letters, digits, - and _
+    try:
+        return wandb.init(project=config.train.wandb_project, name=config.train.wandb_name,
+                          id=id_file.read_text().strip(), resume="allow", config=config.to_dict(),
+                          dir=None if os.environ.get("WANDB_DIR") else run_dir)
+    except wandb.Error as e:  # not logged in, no network: one line, as for any setting that cannot work
+        raise ConfigError(f"Weights & Biases did not start the run ({e}); run `wandb login`, set WANDB_MODE=offline "
+                          "(then `wandb sync`), or unset train.wandb_project") from None
 
 
 def _crc32c_table() -> list[int]:

@@ -1,8 +1,9 @@
 """Scoring text with a language model: the log-likelihoods the zero-shot evaluations are built on.
 
 `scorer` is the jitted log p(next token) of every position; `perplexity` slides the context window
-over a long text with a stride, as in the GPT-2 paper; `continuation_logprobs` sums the
-log-likelihood of candidate continuations after their prompts, batched at one compiled shape;
+over a long text with a stride, as in the GPT-2 paper; `continuation_scores` sums the
+log-likelihood of candidate continuations after their prompts and counts their tokens, batched at
+one compiled shape (`continuation_logprobs`: the sums alone);
 `split_continuation` says which tokens a candidate is; `choice_accuracy` is zero-shot
 classification or multiple choice from those scores.
 """
@@ -74,9 +75,12 @@ def perplexity(config: GPTConfig, params, ids, stride: int | None = None, batch_
     return {"nll": nll / count, "perplexity": math.exp(nll / count), "tokens": count, "windows": len(windows)}
 
 
-def continuation_logprobs(config: GPTConfig, params, prompts, continuations, batch_size: int = 16) -> np.ndarray:
-    """Sum of log p(continuation tokens | prompt) for each (prompt ids, continuation ids) pair;
-    prompt + continuation keeps its last `context + 1` tokens."""
+def continuation_scores(config: GPTConfig, params, prompts, continuations, batch_size: int = 16,
+                        progress=None) -> tuple[np.ndarray, np.ndarray]:
+    """(sum of log p(continuation tokens | prompt), number of those tokens) for each (prompt ids,
+    continuation ids) pair, at one compiled shape; prompt + continuation keeps its last `context + 1`
+    tokens. The sums rank candidates; the counts give a mean per token. `progress(rows)` is called
+    after each batch with the number of pairs it scored."""
     C = config.n_positions
     score = scorer(config)
     seqs = []
@@ -89,7 +93,7 @@ def continuation_logprobs(config: GPTConfig, params, prompts, continuations, bat
         seqs.append((seq, min(len(c), len(seq) - 1)))
     T = min(C + 1, max(len(s) for s, _ in seqs))
     T = -(-T // 8) * 8 if T < C + 1 else T
-    out = np.zeros(len(seqs))
+    sums, counts = np.zeros(len(seqs)), np.array([n for _, n in seqs])
     for i in range(0, len(seqs), batch_size):
         group = seqs[i:i + batch_size]
         tokens = np.zeros((batch_size, T), np.int32)
@@ -97,8 +101,15 @@ def continuation_logprobs(config: GPTConfig, params, prompts, continuations, bat
             tokens[r, :len(s)] = s
         logp = np.asarray(score(params, tokens), np.float64)
         for r, (s, n) in enumerate(group):
-            out[i + r] = logp[r, len(s) - 1 - n:len(s) - 1].sum()
-    return out
+            sums[i + r] = logp[r, len(s) - 1 - n:len(s) - 1].sum()
+        if progress is not None:
+            progress(len(group))
+    return sums, counts
+
+
+def continuation_logprobs(config: GPTConfig, params, prompts, continuations, batch_size: int = 16) -> np.ndarray:
+    """Sum of log p(continuation tokens | prompt) for each (prompt ids, continuation ids) pair."""
+    return continuation_scores(config, params, prompts, continuations, batch_size)[0]
 
 
 def split_continuation(tokenizer, prompt: str, continuation: str) -> tuple[list[int], list[int]]:

@@ -23,12 +23,14 @@ from gpt_jax.loop import run
 from gpt_jax.optim import make_optimizer, make_schedule
 from gpt_jax.parallel import batch_sharding, make_strategy
 from gpt_jax.pretrain import PretrainTask, init_state, make_train_step
+from gpt_jax.runlog import require_wandb
 from gpt_jax.runs import sample_text
 
 
 def train(config: Config, verbose: bool = True) -> dict:
     """Run (or resume) the run `config` describes: pretraining, or fine-tuning (`mode: finetune`).
     Returns a summary dict."""
+    require_wandb(config.train)  # a missing package before any data is prepared
     if config.mode == "finetune":
         return run(FinetuneTask(config, verbose), verbose)
     return run(PretrainTask(config, verbose), verbose)

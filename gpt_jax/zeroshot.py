@@ -1,7 +1,7 @@
 """Zero-shot language-modelling benchmarks of the GPT-2 paper (Table 3): WikiText-2, PTB, LAMBADA;
-and GPT-1's zero-shot SST-2 heuristic (Figure 2, right).
+GPT-1's zero-shot SST-2 heuristic (Figure 2, right); and HellaSwag (`gpt_jax.hellaswag`).
 
-    python -m gpt_jax.evaluate --checkpoint PATH [--step N] benchmark wikitext2|ptb|lambada|sst2 [--split S] [--stride N]
+    python -m gpt_jax.evaluate --checkpoint PATH [--step N] benchmark wikitext2|ptb|lambada|sst2|hellaswag [--split S] [--stride N]
 
 WikiText-2 and PTB: the test file is detokenised (the paper used invertible detokenisers so that a
 model trained on raw text reads natural text), scored with a sliding window, and reported as
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gpt_jax import hellaswag
 from gpt_jax.data import DataError
 from gpt_jax.records import field, read_records
 from gpt_jax.scoring import choice_accuracy, perplexity, scorer, split_continuation
@@ -35,7 +36,9 @@ FILES = {
     # plain: the original lowercased, tokenised release, for models trained on text in that form
     "lambada": {"test": "lambada/lambada_test.jsonl", "plain": "lambada/lambada_test_plain_text.txt"},
     "sst2": {"dev": "sst2/dev.tsv"},
+    "hellaswag": {"val": "hellaswag/hellaswag_val.jsonl"},
 }
+SOURCES = {"hellaswag": hellaswag.SOURCE}  # files that are not in the shared data: where to get them
 SST2_PROMPT = {"template": "{text} very", "candidates": [" negative", " positive"], "labels": ["0", "1"]}
 
 
@@ -84,8 +87,9 @@ def data_file(name: str, split: str | None, data_dir: str | os.PathLike | None =
     root = Path(data_dir or os.environ.get("GPT_JAX_DATA", "../shared/data"))
     path = root / FILES[name][split]
     if not path.is_file():
+        source = f" (download it from {SOURCES[name]})" if name in SOURCES else ""
         raise DataError(f"{path} is missing: give --data-dir (or set GPT_JAX_DATA) to the folder that holds "
-                        f"{FILES[name][split]}")
+                        f"{FILES[name][split]}{source}")
     return path
 
 
@@ -158,6 +162,8 @@ def auc(margin, gold) -> float:
 
 def run(name: str, config, params, tokenizer, split: str | None = None, data_dir=None, stride: int | None = None) -> dict:
     path = data_file(name, split, data_dir)
+    if name == "hellaswag":
+        return hellaswag.benchmark(config, params, tokenizer, path)
     if name == "sst2":
         return {"benchmark": name, "file": str(path), **sst2(config, params, tokenizer, path)}
     if name == "lambada":
@@ -169,6 +175,8 @@ def run(name: str, config, params, tokenizer, split: str | None = None, data_dir
 
 
 def describe(r: dict) -> str:
+    if r["benchmark"] == "hellaswag":
+        return hellaswag.describe(r)
     if r["benchmark"] == "sst2":
         return (f"sst2: zero-shot accuracy {r['accuracy']:.4f} on {r['n']:,} sentences ({r['positive']:.1%} "
                 f"predicted positive; ' very' then ' positive' vs ' negative'), AUC {r['auc']:.4f}")

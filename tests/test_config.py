@@ -60,6 +60,10 @@ def test_model_shorthand_and_override_on_it(tmp_path):
     (["model.n_embd=100", "model.n_head=3"], ["not divisible", "n_head"]),
     (["model.resid_pdrop=1.5"], ["resid_pdrop", "[0, 1)"]),
     (["model.n_layer"], ["section.key=value"]),
+    (["train.wandb=gpt"], ["unknown config key train.wandb", "did you mean 'wandb_name'"]),
+    (["train.wandb_project=[a]"], ["train.wandb_project", "expected str or null", "['a']"]),
+    (["train.wandb_project=''"], ["train.wandb_project is empty"]),
+    (["train.wandb_name=first"], ["train.wandb_name", "set train.wandb_project too"]),
 ])
 def test_bad_config_errors_name_the_problem(tmp_path, overrides, words):
     with pytest.raises(ConfigError) as err:
