@@ -1,12 +1,14 @@
 """The error convention every command shares: expected failures become one line on stderr and an exit code.
 
-    2  a setting, input file, data source, tokenizer or prompt is wrong (argparse's code too)
+    2  a setting, command-line argument, input file, data source, tokenizer or prompt is wrong
     3  training stopped on a non-finite loss
     4  the run directory is in use, or holds a run or checkpoint that does not match the command
     5  the file system refused: permission denied, read-only, no space left, not a directory
     6  a weights file is unsafe or malformed
 
-Anything else is a bug and keeps its traceback (exit 1).
+Anything else is a bug and keeps its traceback (exit 1). Commands parse with `ArgumentParser`, which
+reports a wrong command line the same way, and read numbers with `number`, which checks a range in the
+notation of config.RANGES (`in_range`, `range_text`).
 """
 
 from __future__ import annotations
