@@ -7,11 +7,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from gpt_jax.errors import ArgumentParser
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "quickstart.yaml"
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML run config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.n_layer=6 optim.lr=3e-4")
     parser.add_argument("--dry-run", action="store_true",

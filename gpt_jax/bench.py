@@ -20,8 +20,8 @@ import time
 import jax
 import numpy as np
 
-from gpt_jax.errors import at_least, entry_point
-from gpt_jax.config import Config, load_config
+from gpt_jax.errors import ArgumentParser, entry_point, number
+from gpt_jax.config import SAMPLING_RANGES, Config, load_config
 from gpt_jax.flops import device_peak_flops, flops_per_token, flops_per_token_llmc
 from gpt_jax.generate import generate
 from gpt_jax import attention
@@ -111,15 +111,17 @@ def scan_table(config: Config, depths, steps: int = 3) -> list[dict]:
 
 @entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True)
     parser.add_argument("overrides", nargs="*")
-    parser.add_argument("--steps", type=at_least(1), default=10)
-    parser.add_argument("--gen-batch", type=at_least(1), default=1)
-    parser.add_argument("--gen-prompt", type=at_least(1), help="prompt tokens (default: a quarter of the context)")
-    parser.add_argument("--gen-new", type=at_least(1), help="new tokens (default: a quarter of the context)")
+    parser.add_argument("--steps", type=number("[1, 100000]"), default=10)
+    parser.add_argument("--gen-batch", type=number("[1, 4096]"), default=1)
+    parser.add_argument("--gen-prompt", type=number("[1, 1000000]"),
+                        help="prompt tokens (default: a quarter of the context)")
+    parser.add_argument("--gen-new", type=number(SAMPLING_RANGES["max_new_tokens"]),
+                        help="new tokens (default: a quarter of the context)")
     parser.add_argument("--no-generate", action="store_true")
-    parser.add_argument("--scan-table", type=at_least(1), nargs="*", default=None, metavar="N_LAYER")
+    parser.add_argument("--scan-table", type=number("[1, 1000]"), nargs="*", default=None, metavar="N_LAYER")
     parser.add_argument("--json", default=None, help="write the results here too")
     args = parser.parse_args(argv)
     config = load_config(args.config, args.overrides)

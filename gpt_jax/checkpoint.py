@@ -10,14 +10,17 @@ checkpoint under a step name.
 files, an array whose checksum differs) is reported and moved to `corrupt/` in the run directory,
 and the one before it is tried. A readable checkpoint that does not belong to the command (its
 saved config or its arrays differ from what the command builds) stops the command with RunDirError
-and is left as it is.
+and is left as it is. What orbax, TensorStore and asyncio log meanwhile (tracebacks of the failed
+reads, more or fewer by timing) goes to `orbax.log` in the run directory, not the terminal.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -75,33 +78,79 @@ class _Unreadable(Exception):
     """A checkpoint whose files cannot be read as the checkpoint they claim to be."""
 
 
-class _ReportedErrorLogs(logging.Filter):
-    """Drops the ERROR records (with tracebacks) that orbax's writer threads and asyncio log for a
-    failed file-system write (TensorStore marks those os_error_code=N): orbax raises the same error
-    again in the thread that waits for the save, which reports it once. Likewise orbax's "Failed to
-    read Metadata file" of a damaged checkpoint, which `restore_latest` reports itself."""
+# What orbax, TensorStore and asyncio say while they work: an unreadable checkpoint makes them log errors
+# with tracebacks from the reads still in flight, fewer or more with the machine's load (threads, tasks
+# collected late, callbacks into an event loop already closed); a failed save logs the error that orbax
+# raises again in the thread that waits for it. `restore_latest` reports the checkpoint in one line and the
+# command reports a failed save, so none of this belongs on the terminal: the run directory keeps it.
+LIBRARY_LOG = "orbax.log"  # in the run directory
+_LIBRARY_LOGGERS = ("absl", "asyncio")  # orbax logs through absl's logger
+_LIBRARY_PACKAGES = ("orbax", "tensorstore", "asyncio")
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage() + "".join(traceback.format_exception(*record.exc_info) if record.exc_info else [])
-        return record.levelno < logging.ERROR or not any(s in text for s in ("os_error_code=", "Metadata file"))
+
+class _LibraryLog(logging.Handler):
+    """The one handler of the library loggers (which no longer pass records up to the root's): appends
+    each record to `path`, the log of the run directory whose checkpoints this process writes, or drops it
+    when there is none (a reader writes nothing into a run directory)."""
+
+    def __init__(self):
+        super().__init__()
+        self.path: Path | None = None
+        self.setFormatter(logging.Formatter("%(asctime)s process %(process)d %(name)s %(levelname)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.path is None:
+            return
+        try:
+            with open(self.path, "a") as f:
+                f.write(self.format(record) + "\n")
+        except Exception:  # noqa: BLE001 - a full or read-only disk: the command's own error says so
+            pass
 
 
-def _quiet_known_noise() -> None:
-    """Once per process: the logs above, and the "Event loop is closed" unraisable exceptions of
-    TensorStore reads still in flight when a failed restore has closed orbax's event loop (the
-    failure itself is reported). Other records and unraisable exceptions pass."""
-    previous = sys.unraisablehook
-    if getattr(previous, "gpt_jax_quiet", False):
+_LOG = _LibraryLog()
+
+
+def _from_library(exc, tb, obj=None) -> bool:
+    """Whether an exception nobody could catch (in a callback, a finaliser, a thread) is the libraries':
+    raised in or for their code, or TensorStore's callback into orbax's closed event loop."""
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        return True
+    where = [frame.f_code.co_filename for frame, _ in traceback.walk_tb(tb)] + [getattr(obj, "__module__", None) or ""]
+    return any(f"{os.sep}{p}{os.sep}" in name or name.split(".")[0] == p for name in where for p in _LIBRARY_PACKAGES)
+
+
+def _log_error(name: str, message: str, exc_info) -> None:
+    _LOG.handle(logging.makeLogRecord({"name": name, "levelno": logging.ERROR, "levelname": "ERROR", "msg": message,
+                                       "exc_info": exc_info}))
+
+
+def _route_library_noise() -> None:
+    """Once per process: the library loggers, and the unraisable and thread exceptions of the libraries'
+    code, go to `_LOG`; anything else passes to the hooks that were there."""
+    for name in _LIBRARY_LOGGERS:
+        logger = logging.getLogger(name)
+        if _LOG not in logger.handlers:
+            logger.addHandler(_LOG)
+            logger.propagate = False
+    if getattr(sys.unraisablehook, "gpt_jax_routed", False):
         return
+    unraisable, in_thread = sys.unraisablehook, threading.excepthook
 
-    def hook(unraisable):
-        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-            previous(unraisable)
+    def unraisable_hook(u):
+        if not _from_library(u.exc_value, u.exc_traceback, u.object):
+            return unraisable(u)
+        _log_error("unraisable", f"{u.err_msg or 'Exception ignored in'}: {u.object!r}",
+                   (u.exc_type, u.exc_value, u.exc_traceback))
 
-    hook.gpt_jax_quiet = True
-    sys.unraisablehook = hook
-    for name in ("absl", "asyncio"):
-        logging.getLogger(name).addFilter(_ReportedErrorLogs())
+    def thread_hook(a):
+        if not _from_library(a.exc_value, a.exc_traceback):
+            return in_thread(a)
+        _log_error("thread", f"exception in thread {getattr(a.thread, 'name', '?')}",
+                   (a.exc_type, a.exc_value, a.exc_traceback))
+
+    unraisable_hook.gpt_jax_routed = True
+    sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
 
 
 class Checkpointer:
@@ -110,8 +159,11 @@ class Checkpointer:
         (orbax decides from the steps on disk, so a resumed run keeps them too). `read_only`: a reader
         (sampling, evaluation) skips unreadable checkpoints without moving them."""
         run_dir = Path(run_dir).resolve()
-        self.read_only = read_only
-        _quiet_known_noise()
+        self.read_only, self.set_aside = read_only, []
+        _route_library_noise()
+        self.log = None if read_only else run_dir / LIBRARY_LOG
+        if self.log is not None:
+            _LOG.path = self.log
 
         def manager(name, keep_n, every=None):
             policies = ocp.checkpoint_managers
@@ -216,6 +268,7 @@ class Checkpointer:
             shutil.move(str(Path(manager.directory) / str(step)), aside)
         barrier(f"gpt_jax: checkpoint {step} moved aside")
         manager.reload()
+        self.set_aside.append(aside)
         print(f"{where}; moved it to {aside} and trying the previous one", file=sys.stderr)
 
     def wait(self) -> None:
@@ -225,3 +278,5 @@ class Checkpointer:
     def close(self) -> None:
         self.last.close()
         self.best.close()
+        if self.log is not None and _LOG.path == self.log:
+            _LOG.path = None

@@ -18,12 +18,21 @@ from typing import Any, Literal, Optional
 
 import yaml
 
+from gpt_jax.errors import in_range, range_text
+
 
 class ConfigError(ValueError):
     """A config key, value or file is wrong; the message says which and what would be right."""
 
 
 Activation = Literal["gelu_tanh", "gelu", "relu", "silu"]
+
+# Sampling settings (gpt_jax.generate, the sample command, train.sample_*) and seeds reach compiled programs
+# as int32 / float32 values (jax.random.key takes 32 bits), so they are bounded above as well.
+MAX_NEW_TOKENS = 1_000_000
+SAMPLING_RANGES = {"max_new_tokens": f"[1, {MAX_NEW_TOKENS}]", "temperature": "[0, 100]", "top_k": "[0, 1000000]",
+                   "top_p": "(0, 1]"}
+SEED_RANGE = "[0, 2147483647]"
 
 # The valid range of every numeric setting: "[a, b)" intervals (inf for no bound), "or" for a special
 # value. A section checks its own when it is built, before any cross-key check; None values are unset.
@@ -36,32 +45,16 @@ RANGES = {
     "optim": {"lr": "(0, inf)", "min_lr": "[0, inf)", "warmup_steps": "[0, inf)", "decay_steps": "[1, inf)",
               "weight_decay": "[0, inf)", "beta1": "[0, 1)", "beta2": "[0, 1)", "eps": "(0, inf)",
               "grad_clip": "[0, inf)", "grad_accum": "[1, inf)", "warmup_fraction": "[0, 1)"},
-    "train": {"seed": "[0, inf)", "batch_size": "[1, inf)", "steps": "[1, inf)", "eval_every": "[1, inf)",
+    "train": {"seed": SEED_RANGE, "batch_size": "[1, inf)", "steps": "[1, inf)", "eval_every": "[1, inf)",
               "eval_batches": "[1, inf)", "log_every": "[1, inf)", "save_every": "[1, inf)",
-              "keep_checkpoints": "[1, inf)", "keep_every": "[1, inf)", "sample_tokens": "[0, inf)", "sample_temperature": "[0, inf)",
-              "steps_per_call": "[1, inf)"},
+              "keep_checkpoints": "[1, inf)", "keep_every": "[1, inf)", "sample_tokens": f"[0, {MAX_NEW_TOKENS}]",
+              "sample_temperature": SAMPLING_RANGES["temperature"], "steps_per_call": "[1, inf)"},
     "parallel": {"data": "[1, inf) or -1", "fsdp": "[1, inf)", "tensor": "[1, inf)", "num_processes": "[1, inf)",
                  "process_id": "[0, inf)"},
     "finetune": {"max_examples": "[1, inf)", "lm_coef": "[0, inf)", "clf_pdrop": "[0, 1)", "dropout": "[0, 1)",
                  "lr": "(0, inf)", "batch_size": "[1, inf)", "epochs": "[1, inf)", "warmup_fraction": "[0, 1)",
                  "weight_decay": "[0, inf)", "max_length": "[4, inf)", "transfer_layers": "[0, inf)"},
 }
-
-
-def _in_range(value, spec: str) -> bool:
-    interval, _, special = spec.partition(" or ")
-    if special and value == float(special):
-        return True
-    lo, hi = (float(x) for x in interval[1:-1].split(","))
-    return (lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)
-
-
-def _range_text(spec: str) -> str:
-    """"[1, inf)" -> ">= 1", "(0, inf)" -> "> 0", else "in [0, 1)"."""
-    interval, _, special = spec.partition(" or ")
-    lo, hi = (x.strip() for x in interval[1:-1].split(","))
-    text = (">= " if interval[0] == "[" else "> ") + lo if hi == "inf" else f"in {interval}"
-    return text + (f" (or {special})" if special else "")
 
 
 def _checked(section: str, *checks):
@@ -73,8 +66,8 @@ def _checked(section: str, *checks):
         def __post_init__(self):
             for name, spec in RANGES.get(section, {}).items():
                 value = getattr(self, name)
-                if value is not None and not _in_range(value, spec):
-                    raise ConfigError(f"{section}.{name} must be {_range_text(spec)}, got {value}")
+                if value is not None and not in_range(value, spec):
+                    raise ConfigError(f"{section}.{name} must be {range_text(spec)}, got {value}")
             for check in checks:
                 check(self)
             if own is not None:

@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from gpt_jax.errors import entry_point
-from gpt_jax.config import DataConfig
+from gpt_jax.errors import ArgumentParser, entry_point, number
+from gpt_jax.config import RANGES, DataConfig
 from gpt_jax.normalize import NORMALIZERS, normalize
 from gpt_jax.tokenizer import CharTokenizer, SentencePieceTokenizer, load_tokenizer
 
@@ -365,14 +365,12 @@ def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, n_batches
 @entry_point
 def main(argv=None) -> int:
     """python -m gpt_jax.data SOURCE [--tokenizer KIND] [--tokenizer-path P] [--normalize none|sst] [--cache-dir D]"""
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Tokenize a corpus into cached train.bin / val.bin files.")
+    parser = ArgumentParser(description="Tokenize a corpus into cached train.bin / val.bin files.")
     parser.add_argument("source", help="text file, directory, glob, URL, or python-stdlib")
     parser.add_argument("--tokenizer", default="char", choices=["char", "gpt2", "gpt1", "sentencepiece"])
     parser.add_argument("--tokenizer-path", default=None)
     parser.add_argument("--normalize", default="none", choices=NORMALIZERS, help="the text's form (gpt_jax.normalize)")
-    parser.add_argument("--val-fraction", type=float, default=0.1)
+    parser.add_argument("--val-fraction", type=number(RANGES["data"]["val_fraction"], float), default=0.1)
     parser.add_argument("--cache-dir", default="data_cache")
     args = parser.parse_args(argv)
     prepared = prepare(DataConfig(source=args.source, tokenizer=args.tokenizer, tokenizer_path=args.tokenizer_path,

@@ -1,12 +1,14 @@
 """The error convention every command shares: expected failures become one line on stderr and an exit code.
 
-    2  a setting, input file, data source, tokenizer or prompt is wrong (argparse's code too)
+    2  a setting, command-line argument, input file, data source, tokenizer or prompt is wrong
     3  training stopped on a non-finite loss
     4  the run directory is in use, or holds a run or checkpoint that does not match the command
     5  the file system refused: permission denied, read-only, no space left, not a directory
     6  a weights file is unsafe or malformed
 
-Anything else is a bug and keeps its traceback (exit 1).
+Anything else is a bug and keeps its traceback (exit 1). Commands parse with `ArgumentParser`, which
+reports a wrong command line the same way, and read numbers with `number`, which checks a range in the
+notation of config.RANGES (`in_range`, `range_text`).
 """
 
 from __future__ import annotations
@@ -88,15 +90,44 @@ def entry_point(main):
     return wrapped
 
 
-def at_least(low: int):
-    """An argparse type: an integer >= low."""
-    def parse(text: str) -> int:
+def in_range(value, spec: str) -> bool:
+    """Whether `value` lies in `spec`: an interval "[a, b)" ("inf" for no bound) or "... or x" for a special
+    value, the notation of config.RANGES. NaN lies in no interval."""
+    interval, _, special = spec.partition(" or ")
+    if special and value == float(special):
+        return True
+    lo, hi = (float(x) for x in interval[1:-1].split(","))
+    return (lo < value if interval[0] == "(" else lo <= value) and (value < hi if interval[-1] == ")" else value <= hi)
+
+
+def range_text(spec: str) -> str:
+    """"[1, inf)" -> ">= 1", "(0, inf)" -> "> 0", else "in [0, 1)"."""
+    interval, _, special = spec.partition(" or ")
+    lo, hi = (x.strip() for x in interval[1:-1].split(","))
+    text = (">= " if interval[0] == "[" else "> ") + lo if hi == "inf" else f"in {interval}"
+    return text + (f" (or {special})" if special else "")
+
+
+def number(spec: str, kind: type = int):
+    """An argparse type: an int (or, with kind=float, a number) in `spec`, an interval as config.RANGES
+    writes them. Commands bound every number above too: a value that reaches a compiled program must
+    fit its int32 / float32, and no one means a billion samples. NaN, infinities and words are refused."""
+    def parse(text: str):
         try:
-            value = int(text)
+            value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+            expected = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not in_range(value, spec):
+            raise argparse.ArgumentTypeError(f"must be {range_text(spec)}, got {text}")
         return value
 
     return parse
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser, but a wrong command line is reported as every expected failure is: one `error:`
+    line naming the argument and what it must be, exit code 2, before anything is loaded or compiled."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")

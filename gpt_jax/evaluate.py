@@ -27,7 +27,7 @@ import sys
 from gpt_jax import hellaswag, zeroshot
 from gpt_jax.config import ConfigError
 from gpt_jax.data import read_text
-from gpt_jax.errors import at_least, entry_point
+from gpt_jax.errors import ArgumentParser, entry_point, number
 from gpt_jax.records import read_records
 from gpt_jax.runs import load_for_sampling
 from gpt_jax.scoring import choice_accuracy, perplexity
@@ -35,14 +35,14 @@ from gpt_jax.scoring import choice_accuracy, perplexity
 
 @entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a training run directory or a Hugging Face directory")
     parser.add_argument("--tokenizer", help="tokenizer files, if not the checkpoint's")
-    parser.add_argument("--step", type=at_least(0), help="a training run's checkpoint at this step (default: its best)")
+    parser.add_argument("--step", type=number("[0, 2147483647]"), help="a training run's checkpoint at this step (default: its best)")
     sub = parser.add_subparsers(dest="what", required=True)
     ppl = sub.add_parser("perplexity", help="sliding-window perplexity of a text file")
     ppl.add_argument("--input", required=True)
-    ppl.add_argument("--stride", type=at_least(1), help="tokens the window moves each time (default: the context)")
+    ppl.add_argument("--stride", type=number("[1, 1000000]"), help="tokens the window moves each time (default: the context)")
     ch = sub.add_parser("choice", help="zero-shot classification / multiple choice by likelihood")
     ch.add_argument("--input", required=True, help="TSV (header row) or JSONL")
     ch.add_argument("--text-field", default="sentence")
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     bench.add_argument("--split", help="test (sst2: dev, hellaswag: val) unless given")
     bench.add_argument("--data-dir", help="the folder holding wikitext-2/, ptb/, lambada/, sst2/, hellaswag/ (default "
                        "$GPT_JAX_DATA or ../shared/data)")
-    bench.add_argument("--stride", type=at_least(1),
+    bench.add_argument("--stride", type=number("[1, 1000000]"),
                        help="WikiText / PTB: tokens the window moves (default: the context)")
     args = parser.parse_args(argv)
     if args.what == "benchmark":

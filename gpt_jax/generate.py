@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import io_callback
 
-from gpt_jax.config import GPTConfig
+from gpt_jax.config import SAMPLING_RANGES, GPTConfig
+from gpt_jax.errors import in_range, range_text
 from gpt_jax.attention import target_platform
 from gpt_jax.model import Block, layer_norm, attention_mask_BTS, mask_padded_vocab
 
@@ -255,24 +256,24 @@ def trace(config: GPTConfig, params, batch: int, prompt_len: int, max_new_tokens
                            k_bucket=top_k_bucket(top_k, config.vocab_size))
 
 
+_MEANING = {"temperature": " (0 means greedy)", "top_k": " (0 or None means off)"}
+
+
 def validate(config: GPTConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float,
              top_k, top_p) -> None:
     if not prompts:
         raise GenerateError("no prompts given: pass a list of token-id lists")
-    if max_new_tokens < 1:
-        raise GenerateError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise GenerateError(f"prompt {i} is empty: give at least one token (e.g. the end-of-text id)")
         bad = [t for t in p if not 0 <= int(t) < config.vocab_size]
         if bad:
             raise GenerateError(f"prompt {i} holds token id {bad[0]} outside the vocabulary [0, {config.vocab_size})")
-    if temperature < 0:
-        raise GenerateError(f"temperature must be >= 0 (0 means greedy), got {temperature}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise GenerateError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k is not None and top_k < 0:
-        raise GenerateError(f"top_k must be >= 0 (0 or None means off), got {top_k}")
+    settings = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+    for name, value in settings.items():
+        if value is not None and not in_range(value, SAMPLING_RANGES[name]):
+            raise GenerateError(f"{name} must be {range_text(SAMPLING_RANGES[name])}{_MEANING.get(name, '')}, "
+                                f"got {value}")
 
 
 def generate(config: GPTConfig, params, prompts, max_new_tokens: int, *, temperature: float = 1.0,
@@ -281,9 +282,10 @@ def generate(config: GPTConfig, params, prompts, max_new_tokens: int, *, tempera
     """Sample `max_new_tokens` after each prompt.
 
     prompts: a list of token-id lists (any lengths), or a left-padded int array [B, P] with `lengths`.
-    Any `max_new_tokens` works: once a sequence is longer than the context (`config.n_positions`),
-    each new token is conditioned on its last n_positions tokens (a prompt longer than that is cut to
-    its end the same way); those tokens cost a forward pass over the whole window each.
+    Any `max_new_tokens` up to 1,000,000 works (config.SAMPLING_RANGES bounds it and the settings): once a
+    sequence is longer than the context (`config.n_positions`), each new token is conditioned on its last
+    n_positions tokens (a prompt longer than that is cut to its end the same way); those tokens cost a
+    forward pass over the whole window each.
     Returns (tokens, lengths): a list with each prompt's new tokens (up to and including a stop
     token) and their counts. `greedy=True` (or temperature=0) takes the argmax. `on_token(i, tokens)`,
     if given, is called on the host with step i's token for every batch row while decoding runs

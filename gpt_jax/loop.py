@@ -220,6 +220,8 @@ def open_run(task, strategy, abstract, say):
         raise
     if restored is None:
         state, meta, step = task.initial_state(strategy), {}, 0
+        if ckpt.set_aside and jax.process_index() == 0:  # each one moved aside had its own line
+            print(f"no checkpoint in {run_dir / 'checkpoints'} restores; starting again from step 0", file=sys.stderr)
     else:
         state, meta, step = restored
         state = strategy.place(state)

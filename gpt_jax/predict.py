@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt_jax.errors import at_least, entry_point
+from gpt_jax.errors import ArgumentParser, entry_point, number
 from gpt_jax.config import FinetuneConfig
 
 
@@ -43,12 +43,12 @@ def predict_file(run_dir, input_path, output_path=None, batch_size: int = 32, fm
 
 @entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a fine-tuning run directory (train.py, mode: finetune)")
     parser.add_argument("--input", required=True, help="TSV (header row) or JSONL with the run's fields")
     parser.add_argument("--output", help="where to write predictions (default: INPUT.predictions.tsv)")
     parser.add_argument("--format", default="auto", choices=["auto", "tsv", "jsonl"])
-    parser.add_argument("--batch-size", type=at_least(1), default=32)
+    parser.add_argument("--batch-size", type=number("[1, 65536]"), default=32)
     args = parser.parse_args(argv)
     result = predict_file(args.checkpoint, args.input, args.output, args.batch_size, args.format)
     msg = f"wrote {result['n']} predictions to {result['output']}"

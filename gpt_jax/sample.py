@@ -14,7 +14,8 @@ import argparse
 import sys
 import time
 
-from gpt_jax.errors import at_least, entry_point
+from gpt_jax.config import SAMPLING_RANGES, SEED_RANGE
+from gpt_jax.errors import ArgumentParser, entry_point, number
 from gpt_jax.generate import GenerateError, generate
 from gpt_jax.runs import load_for_sampling
 
@@ -39,15 +40,16 @@ class _Streamer:
 
 @entry_point
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="training run directory, Hugging Face directory, or model name (gpt2, ...)")
     parser.add_argument("--prompt", default="\n")
-    parser.add_argument("--max-new-tokens", type=at_least(1), default=200)
-    parser.add_argument("--temperature", type=float, default=0.8)
-    parser.add_argument("--top-k", type=int, default=None)
-    parser.add_argument("--top-p", type=float, default=None)
-    parser.add_argument("--num-samples", type=at_least(1), default=1)
-    parser.add_argument("--seed", type=at_least(0), default=0)
+    parser.add_argument("--max-new-tokens", type=number(SAMPLING_RANGES["max_new_tokens"]), default=200)
+    parser.add_argument("--temperature", type=number(SAMPLING_RANGES["temperature"], float), default=0.8)
+    parser.add_argument("--top-k", type=number(SAMPLING_RANGES["top_k"]), default=None)
+    parser.add_argument("--top-p", type=number(SAMPLING_RANGES["top_p"], float), default=None)
+    # sample k draws with seed + k: with these bounds every seed fits jax.random.key's 32 bits
+    parser.add_argument("--num-samples", type=number("[1, 10000]"), default=1)
+    parser.add_argument("--seed", type=number(SEED_RANGE), default=0)
     parser.add_argument("--tokenizer", default=None, help="tokenizer path, if the checkpoint has none")
     args = parser.parse_args(argv)
     config, params, tok = load_for_sampling(args.checkpoint, args.tokenizer)

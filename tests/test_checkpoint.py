@@ -1,17 +1,12 @@
 """Checkpoints (gpt_jax.checkpoint): checksums, retention, best/, the names arrays are saved under,
 and what happens to a checkpoint that cannot be restored: the owner sets it aside, a reader skips it,
-and each says why in one line."""
+and each says why in one line (with nothing of what the libraries log meanwhile: test_checkpoint_logs.py)."""
 
 import json
-import os
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
-
-from conftest import ROOT
 
 
 def test_checksums_change_with_every_single_bit():
@@ -75,49 +70,6 @@ def test_array_differences_name_an_array_found_on_one_side_only():
     assert array_differences(tree(a=(2,), b=(3,)), tree(a=(2,), c=(4,))) == [
         "1 array(s) only in the checkpoint, e.g. b", "1 array(s) only in this command's state, e.g. c"]
     assert array_differences(tree(a=(2,)), tree(a=(2,))) == []
-
-
-def test_only_the_failures_checkpoint_reports_itself_are_kept_out_of_the_logs(monkeypatch):
-    """orbax's ERROR records of a failed write (os_error_code=N, in the message or its traceback) and of
-    a damaged checkpoint's metadata are dropped, once the filter is installed; warnings and other errors
-    pass, and so do unraisable exceptions other than TensorStore's "Event loop is closed"."""
-    import logging
-    import types
-
-    from gpt_jax import checkpoint
-
-    def record(level, message, error=None):
-        exc_info = None
-        if error is not None:
-            try:
-                raise error
-            except OSError:
-                exc_info = sys.exc_info()
-        return logging.LogRecord("absl", level, __file__, 1, message, None, exc_info)
-
-    keep = checkpoint._ReportedErrorLogs().filter
-    assert not keep(record(logging.ERROR, "write failed: os_error_code=28 [No space left]"))
-    assert not keep(record(logging.ERROR, "Failed to read Metadata file at /run/checkpoints/2"))
-    assert not keep(record(logging.ERROR, "save failed", OSError("INTERNAL: os_error_code=28")))
-    assert keep(record(logging.ERROR, "save failed", OSError("permission denied")))
-    assert keep(record(logging.ERROR, "an error of another kind"))
-    assert keep(record(logging.WARNING, "os_error_code=28 retrying"))
-
-    seen = []
-    monkeypatch.setattr(sys, "unraisablehook", seen.append)
-    for name in ("absl", "asyncio"):
-        monkeypatch.setattr(logging.getLogger(name), "filters", [])
-    checkpoint._quiet_known_noise()
-    hook = sys.unraisablehook
-    checkpoint._quiet_known_noise()  # once per process: not wrapped again, no second filter
-    assert sys.unraisablehook is hook
-    assert [type(f) for f in logging.getLogger("absl").filters] == [checkpoint._ReportedErrorLogs]
-    assert [type(f) for f in logging.getLogger("asyncio").filters] == [checkpoint._ReportedErrorLogs]
-    closed, other = (types.SimpleNamespace(exc_value=e) for e in (RuntimeError("Event loop is closed"),
-                                                                  RuntimeError("something else")))
-    sys.unraisablehook(closed)
-    sys.unraisablehook(other)
-    assert seen == [other]
 
 
 def test_checkpointer_keeps_the_newest_and_every_kth_and_a_reader_changes_nothing(tmp_path):
@@ -396,40 +348,6 @@ def test_checkpoint_whose_arrays_fail_their_checksum_is_set_aside(tmp_path):
     ckpt.close()
     assert step == 1 and float(state["w"][0]) == 1.0
     assert (tmp_path / "corrupt" / "checkpoints-2").is_dir() and ckpt.steps() == [1]
-
-
-RESTORE = """import sys, jax, jax.numpy as jnp
-from gpt_jax.checkpoint import Checkpointer
-ckpt = Checkpointer(sys.argv[1], keep=3)
-state = {f"w{i}": jnp.zeros((64, 64)) for i in range(20)}
-print(ckpt.restore_latest(jax.eval_shape(lambda: state), check=lambda m, d: None)[2])
-ckpt.close()
-"""
-
-
-@pytest.mark.parametrize("damage", ["truncate every file", "delete the array files"])
-def test_unreadable_checkpoint_falls_back_with_one_line(tmp_path, damage):
-    """The fallback is reported once: no logged errors, tracebacks or "Event loop is closed" noise."""
-    import jax.numpy as jnp
-
-    from gpt_jax.checkpoint import Checkpointer
-
-    state = {f"w{i}": jnp.full((64, 64), float(i)) for i in range(20)}  # many arrays: many reads in flight
-    ckpt = Checkpointer(tmp_path, keep=3)
-    for step in (1, 2):
-        ckpt.save(step, state, {"config": {}})
-    ckpt.wait()
-    ckpt.close()
-    for f in (tmp_path / "checkpoints" / "2").rglob("*"):
-        if damage.startswith("truncate") and f.is_file():
-            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
-        elif f.is_file() and f.parent.name == "d":
-            f.unlink()
-    proc = subprocess.run([sys.executable, "-c", RESTORE, str(tmp_path)], capture_output=True, text=True,
-                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert proc.stdout.strip() == "1" and (tmp_path / "corrupt" / "checkpoints-2").is_dir(), proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "checkpoint at step 2" in lines[0] and "moved it to" in lines[0], proc.stderr[-3000:]
 
 
 def test_arrays_that_fail_to_read_name_the_error_and_the_machine_s_trouble_passes_through():

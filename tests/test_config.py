@@ -114,6 +114,9 @@ def test_shipped_configs_load():
     ("parallel.data=0", ["parallel.data must be >= 1 (or -1), got 0"]),
     ("finetune.epochs=0", ["finetune.epochs must be >= 1"]),
     ("finetune.warmup_fraction=1", ["finetune.warmup_fraction must be in [0, 1)"]),
+    ("train.seed=2147483648", ["train.seed must be in [0, 2147483647]"]),  # jax.random.key's 32 bits
+    ("train.sample_tokens=1099511627776", ["train.sample_tokens must be in [0, 1000000]"]),  # generate's int32
+    ("train.sample_temperature=.nan", ["train.sample_temperature must be in [0, 100], got nan"]),
 ])
 def test_out_of_range_settings_name_key_value_and_range(override, words):
     with pytest.raises(ConfigError) as err:

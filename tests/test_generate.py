@@ -281,10 +281,15 @@ def test_first_token_distribution_matches_filtered_softmax(tiny, temperature, to
     (dict(prompts=[[1, -1]], max_new_tokens=5), ["token id -1"]),
     (dict(prompts=[[1]], max_new_tokens=5, top_p=0.0), ["top_p", "(0, 1]"]),
     (dict(prompts=[[1]], max_new_tokens=5, top_p=1.5), ["top_p"]),
-    (dict(prompts=[[1]], max_new_tokens=5, temperature=-1.0), ["temperature", ">= 0"]),
+    (dict(prompts=[[1]], max_new_tokens=5, temperature=-1.0), ["temperature must be in [0, 100] (0 means greedy)"]),
+    (dict(prompts=[[1]], max_new_tokens=5, temperature=float("nan")), ["temperature must be in [0, 100]", "got nan"]),
+    (dict(prompts=[[1]], max_new_tokens=5, temperature=float("inf")), ["temperature", "got inf"]),
     (dict(prompts=[[1]], max_new_tokens=0), ["max_new_tokens"]),
+    (dict(prompts=[[1]], max_new_tokens=2**40), ["max_new_tokens must be in [1, 1000000], got 1099511627776"]),
     (dict(prompts=[], max_new_tokens=3), ["no prompts"]),
-    (dict(prompts=[[1]], max_new_tokens=3, top_k=-1), ["top_k must be >= 0", "got -1"]),
+    (dict(prompts=[[1]], max_new_tokens=3, top_k=-1), ["top_k must be in [0, 1000000] (0 or None means off)", "got -1"]),
+    (dict(prompts=[[1]], max_new_tokens=3, top_k=2**31), ["top_k must be in [0, 1000000]"]),
+    (dict(prompts=[[1]], max_new_tokens=3, top_p=float("nan")), ["top_p must be in (0, 1], got nan"]),
 ])
 def test_bad_input_is_refused_before_compiling(tiny, kwargs, words):
     config, params = tiny

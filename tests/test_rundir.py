@@ -164,6 +164,8 @@ def test_torn_metrics_line_is_dropped_and_plots(tmp_path):
     (["gpt_jax.data", "{corpus}", "--cache-dir", "/bin/ls/cache"], 5, ["Not a directory", "/bin/ls"]),
     (["gpt_jax.bench", "--config", "configs/quickstart.yaml", "train.batch_size=0"], 2,
      ["train.batch_size must be >= 1"]),
+    (["gpt_jax.sample", "--checkpoint", "{run}", "--prompt", "A", "--max-new-tokens", "1099511627776"], 2,
+     ["argument --max-new-tokens: must be in [1, 1000000], got 1099511627776"]),  # every flag: test_command_lines.py
 ])
 def test_every_entry_point_reports_expected_failures_in_one_line(finished_run, corpus, command, code, words):
     binary_source(finished_run)
@@ -175,14 +177,6 @@ def test_every_entry_point_reports_expected_failures_in_one_line(finished_run, c
     assert proc.returncode == code, proc.stderr[-3000:]
     for word in words:
         assert word in line, line
-
-
-def test_evaluate_stride_zero_is_refused_by_the_parser(capsys):
-    from gpt_jax.evaluate import main
-
-    with pytest.raises(SystemExit) as exit_:
-        main(["--checkpoint", "unused", "perplexity", "--input", "unused", "--stride", "0"])
-    assert exit_.value.code == 2 and "--stride: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_checkpoint_of_an_older_run_or_of_fine_tuning_is_refused_not_set_aside(tmp_path):

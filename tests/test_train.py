@@ -3,6 +3,7 @@
 import json
 import math
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -193,6 +194,32 @@ def test_corrupt_newest_checkpoint_falls_back_to_previous(tmp_path, corpus, refe
     assert (tmp_path / "run" / "corrupt" / "checkpoints-20").is_dir()
     assert "resuming from step 15" in out
     assert losses(tmp_path / "run") == ref
+
+
+def test_every_checkpoint_damaged_restarts_from_step_0_with_one_line_each(tmp_path, corpus, reference_run):
+    """The newest checkpoint truncated, the one before it without its array files: each is moved to corrupt/
+    with one line, one more line says the run starts again, and orbax's logged errors go to orbax.log."""
+    shutil.copytree(reference_run[0], tmp_path / "run")
+    steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert steps == [25, 30]
+    for f in (tmp_path / "run" / "checkpoints").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and "/30/" in str(f):
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+        elif f.is_file() and "/25/" in str(f) and f.parent.name == "d":
+            f.unlink()
+    args = ("train.save_every=5", "train.eval_every=10", "optim.decay_steps=30")  # the reference's settings
+    code, out, err = run_train(tmp_path, corpus, "run", "train.steps=2", *args)
+    assert code == 0 and "done: step 2" in out and "resuming" not in out, err[-3000:]
+    checkpoints, corrupt = tmp_path / "run" / "checkpoints", tmp_path / "run" / "corrupt"
+    assert [line for line in err.splitlines() if line.strip()] == [
+        *(f"checkpoint at step {s} in {checkpoints} cannot be restored ({why}); moved it to {corrupt / f'checkpoints-{s}'} "
+          "and trying the previous one" for s, why in zip((30, 25), re.findall(r"restored \((.*?)\); moved", err))),
+        f"no checkpoint in {checkpoints} restores; starting again from step 0"], err[-3000:]
+    assert "Failed to json parse Metadata file" in (tmp_path / "run" / "orbax.log").read_text()
+    assert sorted(p.name for p in corrupt.iterdir()) == ["checkpoints-25", "checkpoints-30"]
+    ref, before = losses(reference_run[0]), len((reference_run[0] / "metrics.jsonl").read_text().splitlines())
+    restarted = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[before:]]
+    assert {r["step"]: r["loss"] for r in restarted if r["kind"] == "train"} == {1: ref[1], 2: ref[2]}, restarted
 
 
 def test_non_finite_stops_before_saving_and_names_a_checkpoint_that_resumes(tmp_path, corpus):
