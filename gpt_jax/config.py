@@ -177,8 +177,8 @@ def _text_field_named(d) -> None:
 @dataclass(frozen=True)
 @_checked("data", _text_field_named)
 class DataConfig:
-    # a text file, directory, glob, URL, "python-stdlib" or .parquet / .jsonl(.gz|.zst) records; or a list of
-    # those, read in order as one corpus (gpt_jax/corpora.py)
+    # a text file, directory, glob, URL, "python-stdlib", .parquet / .jsonl(.gz|.zst) records or llm.c .bin
+    # token shards; or a list of those, read in order as one corpus (gpt_jax/corpora.py, gpt_jax/shards.py)
     source: str | list = "python-stdlib"
     tokenizer: Literal["char", "gpt2", "gpt1", "sentencepiece"] = "char"
     tokenizer_path: Optional[str] = None  # BPE files / sentencepiece model; default: $GPT_JAX_DATA

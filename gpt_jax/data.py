@@ -5,7 +5,8 @@ the built-in `python-stdlib` corpus, Parquet and JSONL records), puts its text i
 (`gpt_jax.normalize`), splits it into train / val by bytes (the last `val_fraction` is val, as nanoGPT
 does), tokenizes it and writes `train.bin` / `val.bin` (uint16 when the vocabulary fits, else uint32)
 with `manifest.json`. The result is cached under `cache_dir` by a key over the source contents, the
-normalisation, the tokenizer (and `text_field` for record files), so a second run reuses it.
+normalisation, the tokenizer (and `text_field` for record files), so a second run reuses it. A source
+of llm.c token shards is not tokenized again: its shards are read in place (`gpt_jax.shards`).
 
 Tokenizing (`gpt_jax.tokenizing`) runs in `data.num_proc` processes (default: every CPU) and gives the
 tokens of one process; a preparation cut off half-way goes on from the last piece it wrote. Only a
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import sys
 from dataclasses import dataclass
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt_jax import corpora, tokenizing
+from gpt_jax import corpora, shards, tokenizing
 from gpt_jax.cli import entry_point
 from gpt_jax.config import DataConfig
 from gpt_jax.corpora import DataError, TextFile, read_text, resolve_source, stdlib_files  # noqa: F401 (public here)
@@ -57,7 +59,11 @@ class PreparedData:
     tokenizer: object
     manifest: dict
 
-    def tokens(self, split: str) -> np.ndarray:
+    def tokens(self, split: str):
+        """The split's tokens, read in place: a read-only memory map of train.bin / val.bin, or for llm.c
+        shards a `shards.TokenStream` over theirs."""
+        if self.manifest.get("format") == "llmc":
+            return shards.split_tokens(self.manifest["splits"][split])
         return np.memmap(self.dir / f"{split}.bin", dtype=self.manifest["dtype"], mode="r")
 
 
@@ -69,6 +75,29 @@ def _cache_key(cfg: DataConfig, files: list[Path], hashes: list[str]) -> str:
     if any(corpora.is_records(f) for f in files):  # a key of its own only here: text corpora keep their old keys
         spec["text_field"] = cfg.text_field
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _prepare_shards(cfg: DataConfig, files: list[Path]) -> PreparedData:
+    """llm.c shards as they are: headers checked each time, the token range once while they are unchanged."""
+    if cfg.tokenizer != "gpt2":
+        raise DataError(f"data.source {cfg.source!r} holds llm.c token shards, which are GPT-2 tokens; set "
+                        "data.tokenizer=gpt2")
+    tok = load_tokenizer("gpt2", cfg.tokenizer_path)
+    found = [shards.read_header(f) for f in files]
+    spec = {"version": FORMAT_VERSION, "format": "llmc", "val_fraction": cfg.val_fraction,
+            "tokenizer": tok.spec(), "shards": shards.fingerprint(found)}
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+    out = Path(cfg.cache_dir) / f"{re.sub(r'_(train|val)(_.*)?$', '', files[0].stem)}-llmc-{key}"
+    if (out / "manifest.json").is_file():
+        return PreparedData(out, tok, json.loads((out / "manifest.json").read_text()))
+    shards.check_gpt2_range(found, tok.vocab_size)
+    splits = shards.splits(found, cfg.val_fraction)
+    manifest = {**spec, "source": cfg.source, "vocab_size": tok.vocab_size,
+                "dtype": np.result_type(*(shards.DTYPES[s.version] for s in found)).name, "splits": splits,
+                **{f"{s}_tokens": splits[s]["stop"] - splits[s]["start"] for s in ("train", "val")}}
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizing.write_json(out / "manifest.json", manifest)
+    return PreparedData(out, tok, manifest)
 
 
 def _texts(cfg: DataConfig, files: list[Path], tmp: Path, state: dict, verbose: bool) -> list[TextFile]:
@@ -95,6 +124,8 @@ def prepare(cfg: DataConfig, verbose: bool = True) -> PreparedData:
     and go on with an unfinished one."""
     cache_dir = Path(cfg.cache_dir)
     files = resolve_source(cfg.source, cache_dir)
+    if shards.is_shard_source(files):
+        return _prepare_shards(cfg, files)
     hashes = [corpora.file_sha256(f) for f in files]
     name = "python-stdlib" if cfg.source == "python-stdlib" else Path(files[0]).stem
     out = cache_dir / f"{name}-{cfg.tokenizer}-{_cache_key(cfg, files, hashes)}"
@@ -208,15 +239,23 @@ def eval_batches(tokens: np.ndarray, block_size: int, batch_size: int, n_batches
     return [sampler.next() for _ in range(min(n_batches, _whole_windows(len(tokens), block_size) // batch_size))]
 
 
+def _write_llmc(prepared: PreparedData, out_dir: str | None) -> list[Path]:
+    if prepared.manifest["tokenizer"]["kind"] != "gpt2":
+        raise DataError("--format llmc writes GPT-2 tokens, which llm.c trains on; prepare with --tokenizer gpt2")
+    name = re.sub(r"-gpt2-[0-9a-f]{16}$", "", prepared.dir.name)
+    target = Path(out_dir) if out_dir else prepared.dir.with_name(prepared.dir.name + "-llmc")
+    return shards.write_shards({s: prepared.tokens(s) for s in ("train", "val")}, target, name)
+
+
 @entry_point
 def main(argv=None) -> int:
     """python -m gpt_jax.data SOURCE [--tokenizer KIND] [--tokenizer-path P] [--normalize none|sst] [--cache-dir D]
-    [--text-field F] [--num-proc N]"""
+    [--text-field F] [--num-proc N] [--format bin|llmc] [--out-dir D]"""
     import argparse
 
     parser = argparse.ArgumentParser(description="Tokenize a corpus into cached train.bin / val.bin files.")
-    parser.add_argument("source", help="text file, directory, glob, URL, python-stdlib, or .parquet / "
-                                       ".jsonl(.gz|.zst) records")
+    parser.add_argument("source", help="text file, directory, glob, URL, python-stdlib, .parquet / .jsonl(.gz|.zst) "
+                                       "records, or llm.c .bin shards")
     parser.add_argument("--tokenizer", default="char", choices=["char", "gpt2", "gpt1", "sentencepiece"])
     parser.add_argument("--tokenizer-path", default=None)
     parser.add_argument("--normalize", default="none", choices=NORMALIZERS, help="the text's form (gpt_jax.normalize)")
@@ -224,12 +263,18 @@ def main(argv=None) -> int:
     parser.add_argument("--text-field", default="text", help="the Parquet column / JSONL key of the text")
     parser.add_argument("--num-proc", type=int, default=None, help="processes that tokenize (default: every CPU)")
     parser.add_argument("--cache-dir", default="data_cache")
+    parser.add_argument("--format", default="bin", choices=["bin", "llmc"],
+                        help="llmc: also write llm.c shards of the tokens (GPT-2 tokens only)")
+    parser.add_argument("--out-dir", default=None, help="where --format llmc writes (default: beside the cache entry)")
     args = parser.parse_args(argv)
     prepared = prepare(DataConfig(source=args.source, tokenizer=args.tokenizer, tokenizer_path=args.tokenizer_path,
                                   normalize=args.normalize, val_fraction=args.val_fraction, text_field=args.text_field,
                                   num_proc=args.num_proc, cache_dir=args.cache_dir))
     m = prepared.manifest
     print(f"{m['train_tokens']:,} train / {m['val_tokens']:,} val tokens ({m['dtype']}) in {prepared.dir}")
+    if args.format == "llmc":
+        written = _write_llmc(prepared, args.out_dir)
+        print(f"{len(written)} llm.c shard(s) in {written[0].parent}")
     return 0
 
 
