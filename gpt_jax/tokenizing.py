@@ -2,14 +2,14 @@
 
 The text (`corpora.TextFile`s) is cut into work items in corpus order: every document, cut where val
 starts, in pieces of at most about CHUNK_BYTES that end where no token can span the cut (after "x\ny",
-`corpora.text_chunks`) or at the document's end, the pieces of one file and split grouped up to
-CHUNK_BYTES. Each item is encoded on its own (with <|endoftext|> after each document when the corpus
-holds several), so any number of processes gives the tokens of one, and the tokens are appended to
-the split's file in item order.
+`corpora.text_chunks`) or at the document's end; consecutive pieces of one split make an item of up
+to CHUNK_BYTES. Each piece is encoded on its own (with <|endoftext|> after each document when the
+corpus holds several), so any number of processes gives the tokens of one, and the tokens are
+appended to the split's file in item order.
 
-`progress.json` in the unfinished cache entry records what is done (the text copies, the tokenizer,
-the items whose tokens are written and flushed); a preparation cut off goes on from the last item
-recorded, and one that cannot says so and starts over in an emptied folder.
+In the unfinished cache entry, `progress.json` records the stages done (the text copies, the
+tokenizer) and `done.json` the items whose tokens are written and flushed; a preparation cut off goes
+on from the last item recorded, and one that cannot says so and starts over in an emptied folder.
 """
 
 from __future__ import annotations
