@@ -8,8 +8,8 @@ reads this table and checks every import, those inside functions included):
     tasks     pretrain, finetune, zeroshot, hellaswag  what the loop trains on; the zero-shot benchmarks
     loop      loop                      state, steps, checkpoints, resume, signals, logging: no task
     runs      runs                      a run directory's data, config, tokenizer, params and samples
-    services  data, records, optim, parallel, checkpoint, runlog, generate, flops, pretrained, scoring,
-              targets
+    services  data, corpora, tokenizing, shards, records, optim, parallel, checkpoint, runlog, generate,
+              flops, pretrained, scoring, targets
     model     model, attention                              linen modules and kernels by platform
     base      config, errors, normalize, tokenizer, hub, rundir, distributed
 """

@@ -41,7 +41,8 @@ RANGES = {
               "n_head": "[1, inf)", "n_inner": "[1, inf)", "layer_norm_epsilon": "(0, inf)",
               "embd_pdrop": "[0, 1)", "attn_pdrop": "[0, 1)", "resid_pdrop": "[0, 1)", "initializer_range": "[0, inf)",
               "pad_vocab_multiple": "[1, inf)"},
-    "data": {"sentencepiece_vocab_size": "[1, inf)", "val_fraction": "(0, 1)", "prefetch": "[0, inf)"},
+    "data": {"sentencepiece_vocab_size": "[1, inf)", "val_fraction": "(0, 1)", "prefetch": "[0, inf)",
+             "num_proc": "[1, 1024]"},
     "optim": {"lr": "(0, inf)", "min_lr": "[0, inf)", "warmup_steps": "[0, inf)", "decay_steps": "[1, inf)",
               "weight_decay": "[0, inf)", "beta1": "[0, 1)", "beta2": "[0, 1)", "eps": "(0, inf)",
               "grad_clip": "[0, inf)", "grad_accum": "[1, inf)", "warmup_fraction": "[0, 1)"},
@@ -160,10 +161,17 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def _text_field_named(d) -> None:
+    if not d.text_field:
+        raise ConfigError("data.text_field is empty; name the Parquet column or JSONL key that holds the text "
+                          "(default text)")
+
+
 @dataclass(frozen=True)
-@_checked("data")
+@_checked("data", _text_field_named)
 class DataConfig:
-    # a text file, directory, glob, URL or "python-stdlib"; or a list of those, read in order as one corpus
+    # a text file, directory, glob, URL, "python-stdlib", .parquet / .jsonl(.gz|.zst) records or llm.c .bin
+    # token shards; or a list of those, read in order as one corpus (gpt_jax/corpora.py, gpt_jax/shards.py)
     source: str | list = "python-stdlib"
     tokenizer: Literal["char", "gpt2", "gpt1", "sentencepiece"] = "char"
     tokenizer_path: Optional[str] = None  # BPE files / sentencepiece model; default: $GPT_JAX_DATA
@@ -172,6 +180,8 @@ class DataConfig:
     # (lowercase, <br /> removed, Penn Treebank tokens: "it 's", "does n't", "great , but", `` quotes '').
     normalize: Literal["none", "sst"] = "none"
     val_fraction: float = 0.1
+    text_field: str = "text"  # the Parquet column / JSONL key that holds a record's text
+    num_proc: Optional[int] = None  # processes that tokenize a corpus; None: os.cpu_count(). Tokens do not depend on it
     cache_dir: str = "data_cache"
     prefetch: int = 2  # batches a background thread prepares ahead of the step; 0 prepares them in the loop
 

@@ -29,7 +29,7 @@ _EXPECTED = (
     ("gpt_jax.rundir", "RunDirError", EXIT_RUN),
     ("gpt_jax.checkpoint", "CheckpointError", EXIT_RUN),
     ("gpt_jax.config", "ConfigError", EXIT_USAGE),
-    ("gpt_jax.data", "DataError", EXIT_USAGE),
+    ("gpt_jax.corpora", "DataError", EXIT_USAGE),
     ("gpt_jax.tokenizer", "TokenizerError", EXIT_USAGE),
     ("gpt_jax.generate", "GenerateError", EXIT_USAGE),
     ("builtins", "FloatingPointError", EXIT_NONFINITE),

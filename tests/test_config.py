@@ -111,6 +111,9 @@ def test_shipped_configs_load():
     ("model.attn_pdrop=-0.1", ["model.attn_pdrop must be in [0, 1)"]),
     ("model.layer_norm_epsilon=0", ["model.layer_norm_epsilon must be > 0"]),
     ("data.val_fraction=0", ["data.val_fraction must be in (0, 1), got 0"]),
+    ("data.num_proc=0", ["data.num_proc must be >= 1, got 0"]),
+    ("data.text_field=", ["data.text_field is empty; name the Parquet column or JSONL key that holds the text"]),
+    ("data.text_field=3", ["data.text_field: expected str, got 3 (int)"]),
     ("parallel.data=0", ["parallel.data must be >= 1 (or -1), got 0"]),
     ("finetune.epochs=0", ["finetune.epochs must be >= 1"]),
     ("finetune.warmup_fraction=1", ["finetune.warmup_fraction must be in [0, 1)"]),
@@ -130,6 +133,8 @@ def test_range_edges_are_accepted():
     cfg = load_config(None, ["train.steps=1", "optim.warmup_steps=0", "optim.grad_clip=0", "parallel.data=-1",
                              "model.resid_pdrop=0", "train.sample_tokens=0", "optim.schedule=constant", "optim.lr=1e-6"])
     assert (cfg.train.steps, cfg.parallel.data, cfg.optim.lr) == (1, -1, 1e-6)
+    assert (cfg.data.num_proc, cfg.data.text_field) == (None, "text")  # None: every CPU
+    assert load_config(None, ["data.num_proc=1", "data.text_field=content"]).data.num_proc == 1
 
 
 def test_every_numeric_setting_has_a_range():

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import data_path
+from gpt_jax import corpora
 from gpt_jax import data as data_mod
 from gpt_jax.config import DataConfig
 from gpt_jax.data import (DataError, Sampler, check_batches, check_windows, eval_batches, prepare, resolve_source,
@@ -40,7 +41,7 @@ def test_gpt2_bpe_counts_and_chunking_do_not_change_tokens(tmp_path, monkeypatch
     source = data_path("tinyshakespeare", "input.txt")
     whole = prepare(cfg(tmp_path, source, tokenizer="gpt2", tokenizer_path=str(data_path("gpt2-bpe"))), verbose=False)
     assert (whole.manifest["train_tokens"], whole.manifest["val_tokens"]) == (counts["train_tokens"], counts["val_tokens"])
-    monkeypatch.setattr(data_mod, "CHUNK_BYTES", 4096)  # stream in 4 KB pieces: the same tokens
+    monkeypatch.setattr(corpora, "CHUNK_BYTES", 4096)  # stream in 4 KB pieces: the same tokens
     chunked = prepare(cfg(tmp_path / "b", source, tokenizer="gpt2", tokenizer_path=str(data_path("gpt2-bpe"))),
                       verbose=False)
     np.testing.assert_array_equal(chunked.tokens("train"), whole.tokens("train"))
@@ -187,7 +188,7 @@ def test_bad_sources(tmp_path, monkeypatch):
     (tmp_path / "locked.txt").write_text("secret")
     os.chmod(tmp_path / "locked.txt", 0)
     if os.getuid() == 0:  # root reads everything: as a user would see it
-        monkeypatch.setattr(data_mod.os, "access", lambda path, mode: Path(path).name != "locked.txt")
+        monkeypatch.setattr(corpora.os, "access", lambda path, mode: Path(path).name != "locked.txt")
     with pytest.raises(DataError, match=f"^data source file {re.escape(str(tmp_path / 'locked.txt'))} is not readable$"):
         prepare(cfg(tmp_path, tmp_path / "locked.txt"), verbose=False)
 
@@ -310,7 +311,7 @@ def test_a_download_from_a_server_that_stops_answering_fails_with_one_line(tmp_p
     import socket
     import threading
 
-    monkeypatch.setattr(data_mod, "DOWNLOAD_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(corpora, "DOWNLOAD_TIMEOUT_S", 0.5)
     server = socket.create_server(("127.0.0.1", 0))  # takes the connection, never answers
     stop = threading.Timer(5, server.close)  # (a download without a time limit would wait for ever)
     stop.start()
@@ -387,7 +388,7 @@ def test_a_preparation_cut_off_midway_leaves_no_trace_in_the_next(tmp_path, monk
         raise KeyboardInterrupt
 
     with monkeypatch.context() as m:
-        m.setattr(data_mod, "_split_point", cut_off)
+        m.setattr(corpora, "split_point", cut_off)
         with pytest.raises(KeyboardInterrupt):
             prepare(cfg(tmp_path, src), verbose=False)
     left = list((tmp_path / "cache").iterdir())

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from gpt_jax import data as data_mod
+from gpt_jax import corpora
 from gpt_jax.data import DataError, prepare, read_text
 from test_data import cfg
 
@@ -38,18 +38,18 @@ def test_val_is_the_last_fraction_of_the_bytes_from_a_character_boundary(tmp_pat
             path.write_text(text)
         return paths
     two = files("x" * 30, "y" * 10)
-    assert data_mod._split_point(two, 0.25) == (1, 0)  # 30 train bytes: val is the whole second file
-    assert data_mod._split_point(two, 0.125) == (1, 5)  # 35 train bytes
-    assert data_mod._split_point(files("x" * 30, "y" * 10, "z" * 5), 0.0) == (2, 5)  # no val: it starts at the end
+    assert corpora.split_point(two, 0.25) == (1, 0)  # 30 train bytes: val is the whole second file
+    assert corpora.split_point(two, 0.125) == (1, 5)  # 35 train bytes
+    assert corpora.split_point(files("x" * 30, "y" * 10, "z" * 5), 0.0) == (2, 5)  # no val: it starts at the end
     for text, start in [("a" * 9 + "é" + "b" * 5, 11), ("a" * 9 + "✓" + "b" * 4, 12)]:  # 16 bytes, byte 10 inside a char
-        assert data_mod._split_point(files(text), 0.375) == (0, start)
+        assert corpora.split_point(files(text), 0.375) == (0, start)
 
 
 def test_a_file_that_is_not_utf8_text_is_one_line_naming_it_and_the_byte(tmp_path, monkeypatch):
     good = tmp_path / "good.txt"
     good.write_bytes("naïve café ✓\n".encode() * 3)
     assert read_text(good) == "naïve café ✓\n" * 3
-    monkeypatch.setattr(data_mod, "CHUNK_BYTES", 16)  # in a corpus the bad byte is in a later chunk
+    monkeypatch.setattr(corpora, "CHUNK_BYTES", 16)  # in a corpus the bad byte is in a later chunk
 
     def corpus(path):
         prepare(cfg(tmp_path, path), verbose=False)
@@ -67,7 +67,7 @@ def test_a_file_that_is_not_utf8_text_is_one_line_naming_it_and_the_byte(tmp_pat
 
 
 def test_chunks_rebuild_the_text_and_end_after_a_newline_between_non_spaces(tmp_path, monkeypatch):
-    monkeypatch.setattr(data_mod, "CHUNK_BYTES", 16)
+    monkeypatch.setattr(corpora, "CHUNK_BYTES", 16)
     rng = np.random.default_rng(0)
     pieces = ["word", "é", "✓", " ", "   ", "\n", "\n\n", " \n", "\n "]
     # runs of whitespace and line breaks, with a cut point ("a\nb") at least every 23 characters
@@ -75,15 +75,15 @@ def test_chunks_rebuild_the_text_and_end_after_a_newline_between_non_spaces(tmp_
              for start in ("\n" + " " * 20, " \n   ") for _ in range(10)]
     for i, text in enumerate(texts):
         (tmp_path / f"{i}.txt").write_text(text)
-        chunks = list(data_mod._text_chunks(tmp_path / f"{i}.txt"))
+        chunks = list(corpora.text_chunks(tmp_path / f"{i}.txt"))
         assert "".join(chunks) == text
         for chunk, after in zip(chunks, chunks[1:]):
             assert chunk[-1] == "\n" and not chunk[-2].isspace() and not after[0].isspace(), (chunk, after)
         assert max(len(c) for c in chunks) <= 2 * 16 + 23  # a read plus the unfinished line before it
         k = len(text) // 3  # bytes [start, stop) of the file
         start, stop = len(text[:k].encode()), len(text[: 2 * k].encode())
-        assert "".join(data_mod._text_chunks(tmp_path / f"{i}.txt", start, stop)) == text[k: 2 * k]
+        assert "".join(corpora.text_chunks(tmp_path / f"{i}.txt", start, stop)) == text[k: 2 * k]
     long = "x" * 100 + "\nno line break for 100 characters\n"
     (tmp_path / "long.txt").write_text(long)
-    chunks = list(data_mod._text_chunks(tmp_path / "long.txt"))
+    chunks = list(corpora.text_chunks(tmp_path / "long.txt"))
     assert "".join(chunks) == long and max(len(c) for c in chunks) <= 4 * 16  # cut anyway at 4 reads
