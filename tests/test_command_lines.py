@@ -30,6 +30,7 @@ FLAGS = [
     ("bench", ["--config", "c"], "--gen-new", int, "[1, 1000000]", ["0"]),
     ("bench", ["--config", "c"], "--scan-table", int, "[1, 1000]", ["0"]),
     ("data", ["corpus.txt"], "--val-fraction", float, "(0, 1)", ["0", "1"]),
+    ("data", ["corpus.txt"], "--num-proc", int, "[1, 1024]", ["0", "1025"]),
 ]
 CASES = [pytest.param(command, [*before, flag, value], kind, bound, id=f"{command} {flag} {value}")
          for command, before, flag, kind, bound, extra in FLAGS for value in ABSURD + extra]
