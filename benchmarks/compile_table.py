@@ -7,9 +7,9 @@ at T = 1024 whose train step the target's compiler plans within a device's memor
 The run is configs/gpt2_124m.yaml's (bf16 compute, fp32 parameters and AdamW, remat: dots, no dropout),
 with model.preset set to each size, compiled by `gpt_jax.aot` on the target's abstract devices. Layouts:
 one device; or, on a several-device target, data parallel (parameters replicated) and fsdp over every
-device. Memory grows linearly with the batch, so the search compiles batch 1 and 8, predicts the
-largest batch from the line through them, and compiles that batch (and one less until it fits) to
-confirm it. Each finished cell is appended to --out, so a stopped run goes on where it stopped.
+device. Memory grows about linearly with the batch, so the search compiles batch 1 and 8, predicts the
+largest batch from the line through them, compiles that batch (stepping down until one fits), then
+bisects up to three times between the largest batch that fits and the smallest that does not. Each finished cell is appended to --out, so a stopped run goes on where it stopped.
 """
 
 import argparse
@@ -62,9 +62,16 @@ def largest_batch(size, target, devices, layout, usable_gib) -> dict:
     fits(8)
     slope = max((tried[8] - tried[1]) / 7, 1e-6)
     b = max(1, min(CAP, 1 + int((usable_gib - tried[1]) / slope)))
-    while not fits(b):  # the line was optimistic: step down by what the excess says
+    while not fits(b):  # the line was optimistic (memory grows a little faster than linearly): step down
         b = max(1, b - max(1, math.ceil((tried[b] - usable_gib) / slope)))
-    return {"batch": b, "gib": tried[b], "tried": tried}
+    failed = [n for n in tried if n > b and tried[n] > usable_gib]
+    hi = min(failed) if failed else None
+    for _ in range(3):  # then bisect between the largest batch that fits and the smallest that does not
+        if hi is None or hi - b <= 1:
+            break
+        mid = (b + hi) // 2
+        b, hi = (mid, hi) if fits(mid) else (b, mid)
+    return {"batch": b, "gib": tried[b], "next_does_not_fit": hi, "tried": tried}
 
 
 def run(out: Path, names):
@@ -91,7 +98,9 @@ def run(out: Path, names):
 def table(out: Path) -> str:
     rows = {}
     for r in map(json.loads, out.read_text().splitlines()):
-        cell = "does not fit" if r["batch"] == 0 else (f">= {CAP}" if r["batch"] >= CAP else str(r["batch"]))
+        hi = r.get("next_does_not_fit")
+        cell = "does not fit" if r["batch"] == 0 else (f">= {CAP}" if r["batch"] >= CAP else str(r["batch"]) + (
+            f" (< {hi})" if hi and hi > r["batch"] + 1 else ""))
         rows.setdefault(r["size"], {})[(r["target"], r["layout"])] = f"{cell} ({r['gib']:.1f} GiB)" \
             if r["batch"] else cell
     cols = [(t, lay) for t in TARGETS for lay in (["single"] if targets.get(t).devices == 1 else ["data", "fsdp"])]

@@ -113,7 +113,8 @@ def compile_programs(config: Config, target: targets.Target, devices, programs=(
     """Compile the run's train step, evaluation step and `generate` (one sequence per batch row, prompt and
     new tokens half the context each) for `target`. Returns {"strategy", "accounting", "config",
     "params_bytes", "opt_state_bytes", and per program ("train", "eval", "generate" or "generate_B")}
-    analyse()'s dict with "seconds", "text" and "jaxpr", or {"error": ...} when it does not fit."""
+    analyse()'s dict with "seconds", "text", "jaxpr" and "held" (bytes of the run's state that stay on a
+    device while the program runs, counted in "total"), or {"error": ...} when it does not fit."""
     if config.parallel.strategy == "single":
         devices = devices[:1]
     task = build_task(config, target)
@@ -146,6 +147,12 @@ def compile_programs(config: Config, target: targets.Target, devices, programs=(
             out[name] = {**analyse(compiled, text), "seconds": seconds, "text": text, "jaxpr": program.jaxpr}
         except DoesNotFit as e:
             out[name] = {"error": str(e)}
+            continue
+        # A run evaluates and samples with its training state still on the devices: what the program does
+        # not take as an argument (the optimizer state; for generate, which takes a one-device copy of the
+        # parameters, the sharded parameters too) counts against the device as well.
+        held = {"train": 0, "eval": out["opt_state_bytes"]}.get(name, out["opt_state_bytes"] + out["params_bytes"])
+        out[name].update(held=held, total=out[name]["total"] + held)
     return out
 
 
@@ -173,7 +180,8 @@ def report_lines(result: dict, target: targets.Target) -> list[str]:
             continue
         memory = (f"parameters {result['params_bytes'] / GIB:.2f} GiB, optimizer state "
                   f"{result['opt_state_bytes'] / GIB:.2f} GiB, " if name == "train" else
-                  f"arguments {entry['argument'] / GIB:.2f} GiB, ")
+                  f"arguments {entry['argument'] / GIB:.2f} GiB, the run's state held meanwhile "
+                  f"{entry['held'] / GIB:.2f} GiB, ")
         collectives = ", ".join(f"{n} {c}" for c, n in entry["collectives"].items()) or "none"
         lines.append(f"{name}: {memory}temporaries {entry['temp'] / GIB:.2f} GiB, total {entry['total'] / GIB:.2f} "
                      f"GiB per device: {_verdict(entry, usable)}; attention: {entry['kernel']}; collectives: "
