@@ -127,7 +127,13 @@ class PretrainTask:
         return jax.ShapeDtypeStruct((A, tc.batch_size // A, self.seq_len + 1), jnp.int32)
 
     def evaluate(self, params, batches_NBT1):
-        return {"loss_sum": jax.lax.map(lambda b: self._eval_step(params, b), batches_NBT1).sum()}
+        """The summed mean losses of N validation batches, each taken in A micro-batches of B / A rows (the
+        training step's size: a whole batch at once can need several times the memory training does).
+        Micro-batch a holds rows a, A + a, 2A + a ...: each device keeps its own rows, none move."""
+        N, B, T1 = batches_NBT1.shape
+        A = self.config.optim.grad_accum
+        micro = batches_NBT1.reshape(N, B // A, A, T1).transpose(0, 2, 1, 3).reshape(N * A, B // A, T1)
+        return {"loss_sum": jax.lax.map(lambda b: self._eval_step(params, b), micro).sum() / A}
 
     def eval_record(self, step: int, raw: dict):
         val = raw["loss_sum"] / len(self.eval_data)

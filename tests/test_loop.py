@@ -973,3 +973,27 @@ def test_finetuning_mfu_counts_the_task_sequence_length_not_the_context(corpus, 
     run_task(config)
     for r in records(tmp_path / "run"):
         np.testing.assert_allclose(r["mfu"] / r["tokens_per_s"], per_token / 1e12, rtol=1e-9)
+
+
+def test_validation_runs_in_micro_batches_of_the_training_step_s_size_with_the_same_loss(corpus, tmp_path):
+    """With optim.grad_accum=A the validation batches are taken A micro-batches at a time (a whole batch at
+    once can need several times the memory of a training micro-batch); the validation loss is still the
+    mean over every row of every batch: the same as taking each batch whole, and as the loss of the rows
+    computed one by one."""
+    from gpt_jax.model import GPT, init_params, lm_loss
+    from gpt_jax.pretrain import PretrainTask
+
+    tasks = {A: PretrainTask(lm_config(corpus, tmp_path / f"run{A}", f"optim.grad_accum={A}"), verbose=False)
+             for A in (1, 4)}
+    params = init_params(tasks[1].config.model, jax.random.key(3))
+    data = jax.numpy.asarray(tasks[1].eval_data)  # [2, 8, 17]: both tasks read the same validation batches
+    assert np.array_equal(tasks[4].eval_data, tasks[1].eval_data)
+    whole, micro = (float(jax.jit(tasks[A].evaluate)(params, data)["loss_sum"]) for A in (1, 4))
+    rows = [float(lm_loss(GPT(tasks[1].config.model).apply({"params": params}, r[None, :-1]), r[None, 1:]))
+            for batch in data for r in batch]
+    for A, rows_per_call in ((1, 8), (4, 2)):  # the model sees 8 / A rows at a time, 2 * A times
+        scans = [e for e in jax.make_jaxpr(tasks[A].evaluate)(params, data).eqns if e.primitive.name == "scan"]
+        assert [(e.params["length"], e.invars[-1].aval.shape[1]) for e in scans] == [(2 * A, rows_per_call)]
+    assert micro == pytest.approx(whole, rel=1e-6)
+    assert micro == pytest.approx(sum(rows) / 8, rel=1e-5)  # two batches of 8: the sum of their means
+    assert tasks[4].eval_record(0, {"loss_sum": micro})[0]["val_loss"] == pytest.approx(sum(rows) / 16, rel=1e-5)
