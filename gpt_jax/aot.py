@@ -49,6 +49,9 @@ def for_target(config: Config, target: targets.Target) -> Config:
     `single` as a one-device mesh."""
     m, pc = config.model, config.parallel
     platform = "tpu" if target.platform == "tpu" else "gpu"
+    if m.attention == "cudnn" and platform == "tpu":
+        raise ConfigError(f"model.attention=cudnn is NVIDIA's kernel; {target.name} is a TPU: use model.attention=auto "
+                          "(the splash kernel there) or pallas")
     model = dataclasses.replace(m, attention_platform=platform)
     if pc.strategy == "pmap":
         pc = dataclasses.replace(pc, strategy="mesh", data=target.devices, fsdp=1, tensor=1)

@@ -121,7 +121,8 @@ def test_the_mesh_step_is_sharded_as_the_layout_says(compiled):
 
 def test_compile_for_list_unknown_target_and_missing_compiler(monkeypatch, capsys):
     """`--compile-for list` names every target with its devices and memory; an unknown name, or a target whose
-    compiler is not installed, is one error line naming the fix, before any config is read."""
+    compiler is not installed, is one error line naming the fix, before any config is read; so is a kernel
+    the target does not have."""
     import importlib.util
 
     from gpt_jax.trainer import run_training
@@ -133,6 +134,9 @@ def test_compile_for_list_unknown_target_and_missing_compiler(monkeypatch, capsy
     assert run_training("no/such/config.yaml", [], compile_for="v5e8") == 2
     assert capsys.readouterr().err == ("error: unknown compile target 'v5e8'; did you mean v5e-8? "
                                        "(--compile-for list names them all)\n")
+    assert run_training(None, ["model.attention=cudnn", "model.dtype=bfloat16"], compile_for="v5e-8") == 2
+    assert capsys.readouterr().err == ("error: model.attention=cudnn is NVIDIA's kernel; v5e-8 is a TPU: use "
+                                       "model.attention=auto (the splash kernel there) or pallas\n")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
     assert run_training("no/such/config.yaml", [], compile_for="v4-8") == 2
