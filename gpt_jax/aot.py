@@ -152,9 +152,10 @@ def compile_programs(config: Config, target: targets.Target, devices, programs=(
             out[name] = {"error": str(e)}
             continue
         # A run evaluates and samples with its training state still on the devices: what the program does
-        # not take as an argument (the optimizer state; for generate, which takes a one-device copy of the
-        # parameters, the sharded parameters too) counts against the device as well.
-        held = {"train": 0, "eval": out["opt_state_bytes"]}.get(name, out["opt_state_bytes"] + out["params_bytes"])
+        # not take as an argument counts against the device as well: the optimizer state, and for generate
+        # on a mesh of several devices (which samples from a one-device copy) the run's own parameters.
+        copy = out["params_bytes"] if strategy.n_devices > 1 else 0
+        held = {"train": 0, "eval": out["opt_state_bytes"]}.get(name, out["opt_state_bytes"] + copy)
         out[name].update(held=held, total=out[name]["total"] + held)
     return out
 
