@@ -74,7 +74,11 @@ def largest_batch(size, target, devices, layout, usable_gib) -> dict:
     return {"batch": b, "gib": tried[b], "next_does_not_fit": hi, "tried": tried}
 
 
-def run(out: Path, names):
+def layouts_of(target, layouts) -> list[str]:
+    return ["single"] if target.devices == 1 else [lay for lay in ("data", "fsdp") if lay in layouts]
+
+
+def run(out: Path, names, layouts):
     done = {(r["target"], r["size"], r["layout"]) for r in map(json.loads, out.read_text().splitlines())} \
         if out.exists() else set()
     for name in names:
@@ -82,7 +86,7 @@ def run(out: Path, names):
         devices = targets.devices(target)
         usable = targets.usable_memory(target)[0] / 2**30
         for size in SIZES:
-            for layout in (["single"] if target.devices == 1 else ["data", "fsdp"]):
+            for layout in layouts_of(target, layouts):
                 if (name, size, layout) in done:
                     continue
                 t = time.time()
@@ -99,11 +103,13 @@ def table(out: Path) -> str:
     rows = {}
     for r in map(json.loads, out.read_text().splitlines()):
         hi = r.get("next_does_not_fit")
-        cell = "does not fit" if r["batch"] == 0 else (f">= {CAP}" if r["batch"] >= CAP else str(r["batch"]) + (
-            f" (< {hi})" if hi and hi > r["batch"] + 1 else ""))
+        cell = "does not fit" if r["batch"] == 0 else (
+            f">= {r['batch']}" if r["batch"] >= CAP or hi is None else str(r["batch"]) + (
+                f" (< {hi})" if hi > r["batch"] + 1 else ""))
         rows.setdefault(r["size"], {})[(r["target"], r["layout"])] = f"{cell} ({r['gib']:.1f} GiB)" \
             if r["batch"] else cell
-    cols = [(t, lay) for t in TARGETS for lay in (["single"] if targets.get(t).devices == 1 else ["data", "fsdp"])]
+    cols = [(t, lay) for t in TARGETS for lay in layouts_of(targets.get(t), ("fsdp",) if t.startswith("v") else
+                                                                 ("data", "fsdp"))]
     head = "| model | " + " | ".join(f"{t} {'' if lay == 'single' else lay}".strip() for t, lay in cols) + " |"
     lines = [head, "|---|" + "---:|" * len(cols)]
     for size in SIZES:
@@ -115,13 +121,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "compile_table.jsonl")
     parser.add_argument("--targets", nargs="+", default=TARGETS)
+    parser.add_argument("--layouts", nargs="+", default=["data", "fsdp"], choices=["data", "fsdp"],
+                        help="layouts of several-device targets (one-device targets: single)")
     parser.add_argument("--table", action="store_true", help="print the Markdown table of --out and stop")
     args = parser.parse_args()
     if args.table:
         print(table(args.out))
         return
     jax.config.update("jax_platforms", "cpu")
-    run(args.out, args.targets)
+    run(args.out, args.targets, args.layouts)
 
 
 if __name__ == "__main__":
