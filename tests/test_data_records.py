@@ -15,7 +15,7 @@ from gpt_jax.config import DataConfig
 from gpt_jax.data import DataError, prepare
 
 pa = pytest.importorskip("pyarrow", reason="Parquet and .jsonl.zst sources need pyarrow (pip install 'gpt_jax[data]')")
-pq = pytest.importorskip("pyarrow.parquet")
+pq = pytest.importorskip("pyarrow.parquet", reason="Parquet sources need pyarrow (pip install 'gpt_jax[data]')")
 zstandard = pytest.importorskip("zstandard", reason="the .jsonl.zst test files are written with zstandard")
 
 # documents with and without a final newline, an empty one, non-ASCII text, runs of blank lines and
