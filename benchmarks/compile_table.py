@@ -103,6 +103,9 @@ def table(out: Path) -> str:
     rows = {}
     for r in map(json.loads, out.read_text().splitlines()):
         hi = r.get("next_does_not_fit")
+        slope = (r["tried"].get("8", 0) - r["tried"]["1"]) / 7 if "8" in r["tried"] else 0
+        if hi is None and r["batch"] < CAP and r["gib"] + slope > r["usable_gib"]:
+            hi = r["batch"] + 1  # one more sequence would not fit by the line through batch 1 and 8
         cell = "does not fit" if r["batch"] == 0 else (
             f">= {r['batch']}" if r["batch"] >= CAP or hi is None else str(r["batch"]) + (
                 f" (< {hi})" if hi > r["batch"] + 1 else ""))

@@ -1,7 +1,7 @@
 """Every fused attention kernel against the einsum reference, outputs and gradients, on CPU.
 
 The Pallas kernels (Triton for GPU, splash for TPU) run in interpret mode; the XLA path runs as is
-(cuDNN's kernel has no CPU mode: its call is checked in tests/test_lowering.py, and the wrapper it
+(cuDNN's kernel has no CPU mode: its call is compiled for H100 in tests/test_compile.py, and the wrapper it
 shares with the XLA path — rotation of left padding, no dense mask — is checked here). Shapes have
 several heads, T not a multiple of any kernel block, and left-padded rows as generation makes them.
 """
