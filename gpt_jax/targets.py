@@ -133,6 +133,20 @@ def require_compiler(target: Target) -> None:
 def devices(target: Target) -> list:
     """The target's abstract devices, in the order a mesh takes them."""
     require_compiler(target)
+    try:
+        found = _topology_devices(target)
+    except (ImportError, RuntimeError) as e:  # a compiler package that is there but does not load
+        if not isinstance(e, ImportError) and "not installed" not in str(e):
+            raise
+        module, extra = _EXTRA[target.platform]
+        raise ConfigError(f"--compile-for {target.name}: {module} is installed but does not load ({e}); reinstall "
+                          f'it: pip install -e ".[{extra}]" (the same version as the installed jax)') from None
+    if len(found) != target.devices:  # a libtpu that lays the topology out otherwise
+        raise ConfigError(f"{target.name}: the compiler describes {len(found)} devices, not {target.devices}")
+    return found
+
+
+def _topology_devices(target: Target) -> list:
     from jax.experimental import topologies
 
     if target.platform == "tpu":
@@ -147,7 +161,4 @@ def devices(target: Target) -> list:
     else:
         topo = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(target.gpu),
                                             topology=target.topology)
-    found = list(topo.devices)
-    if len(found) != target.devices:  # a libtpu that lays the topology out otherwise
-        raise ConfigError(f"{target.name}: the compiler describes {len(found)} devices, not {target.devices}")
-    return found
+    return list(topo.devices)

@@ -21,7 +21,7 @@ import pytest
 
 from conftest import ROOT
 from gpt_jax import aot, targets
-from gpt_jax.config import load_config
+from gpt_jax.config import ConfigError, load_config
 
 TARGETS = {"tpu": "v5e-8", "cuda": "h100x8"}
 FLASH = {"tpu": "Pallas splash attention (Mosaic)", "cuda": "cuDNN flash attention"}
@@ -134,9 +134,10 @@ def test_compile_for_list_unknown_target_and_missing_compiler(monkeypatch, capsy
     assert run_training("no/such/config.yaml", [], compile_for="v5e8") == 2
     assert capsys.readouterr().err == ("error: unknown compile target 'v5e8'; did you mean v5e-8? "
                                        "(--compile-for list names them all)\n")
-    assert run_training(None, ["model.attention=cudnn", "model.dtype=bfloat16"], compile_for="v5e-8") == 2
-    assert capsys.readouterr().err == ("error: model.attention=cudnn is NVIDIA's kernel; v5e-8 is a TPU: use "
-                                       "model.attention=auto (the splash kernel there) or pallas\n")
+    with pytest.raises(ConfigError) as refused:  # checked before the target's devices are asked for
+        aot.for_target(load_config(None, ["model.attention=cudnn", "model.dtype=bfloat16"]), targets.get("v5e-8"))
+    assert str(refused.value) == ("model.attention=cudnn is NVIDIA's kernel; v5e-8 is a TPU: use "
+                                  "model.attention=auto (the splash kernel there) or pallas")
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "libtpu" else real(name, *a))
     assert run_training("no/such/config.yaml", [], compile_for="v4-8") == 2
