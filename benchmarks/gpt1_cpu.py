@@ -65,13 +65,13 @@ def label_files() -> dict:
     return files
 
 
-def finetune(name: str, overrides: dict) -> dict:
+def finetune(name: str, overrides: dict, runs: Path = OUT, config: Path = CONFIG) -> dict:
     """One fine-tuning run (or its earlier result): the per-epoch eval records and the wall time."""
-    out = OUT / name
+    out = runs / name
     done = out / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
-    args = [sys.executable, str(ROOT / "train.py"), "--config", str(CONFIG), f"train.out_dir={out}"]
+    args = [sys.executable, str(ROOT / "train.py"), "--config", str(config), f"train.out_dir={out}"]
     args += [f"{k}={v}" for k, v in overrides.items()]
     print("$", " ".join(args[1:]), flush=True)
     t0 = time.time()

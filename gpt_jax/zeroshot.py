@@ -144,11 +144,14 @@ def lambada(config, params, tokenizer, examples, batch_size: int = 16) -> dict:
     return {"accuracy": float(correct.mean()), "perplexity": math.exp(nll.mean()), "n": len(seqs)}
 
 
-def sst2(config, params, tokenizer, path) -> dict:
-    """Zero-shot SST-2 accuracy by SST2_PROMPT, and the fraction predicted positive."""
+def sst2(config, params, tokenizer, path, prompt: dict = SST2_PROMPT) -> dict:
+    """Zero-shot SST-2 accuracy by `prompt` (a template and the negative and positive candidates; the paper's
+    SST2_PROMPT unless given), the fraction predicted positive and the AUC of the positive-minus-negative
+    log-likelihood margin."""
     records = [(no, {**r, "sentence": str(field(r, "sentence", path, no, "text")).strip()})
                for no, r in read_records(path)]  # SST-2's sentences end in a space
-    r = choice_accuracy(config, params, tokenizer, records, path=path, **SST2_PROMPT)
+    r = choice_accuracy(config, params, tokenizer, records, path=path, labels=SST2_PROMPT["labels"],
+                        template=prompt["template"], candidates=prompt["candidates"])
     return {**r, "positive": float(np.mean(r["predictions"])), "auc": auc(r["scores"][:, 1] - r["scores"][:, 0], r["gold"])}
 
 
