@@ -77,13 +77,12 @@ def cmd_zeroshot(args) -> None:
 
     path = OUT / "zeroshot.jsonl"
     done = {r["step"] for r in map(json.loads, path.read_text().splitlines())} if path.is_file() else set()
-    todo = [s for s in [0] + kept_steps() if s not in done]
+    kept = kept_steps()
+    todo = [s for s in [0] + kept if s not in done] if kept else []
     seed = yaml.safe_load((PRETRAIN / "config.yaml").read_text())["train"].get("seed", 0)
     for step in todo:
-        if step:
-            config, params, tok = load_for_sampling(str(PRETRAIN), step=step)
-        else:  # the run's own initialisation (gpt_jax.pretrain: init_params with fold_in(key, 0))
-            config, _, tok = load_for_sampling(str(PRETRAIN))
+        config, params, tok = load_for_sampling(str(PRETRAIN), step=step or kept[0])
+        if step == 0:  # the run's own initialisation (gpt_jax.pretrain: init_params with fold_in(key, 0))
             params = init_params(config, jax.random.fold_in(jax.random.key(seed), 0))
         rec = {"step": step}
         for name, prompt in HEURISTICS.items():

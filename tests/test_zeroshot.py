@@ -160,16 +160,16 @@ def test_benchmark_command_scores_the_test_file(tmp_path, capsys):
     assert "give --data-dir" in capsys.readouterr().err
 
 
-def sst2_direct(cfg, params, tok, lines):
-    """(accuracy, fraction positive) of GPT-1's heuristic on TSV lines: log p(word | sentence + " very")
+def sst2_direct(cfg, params, tok, lines, cue=" very", words=(" negative", " positive")):
+    """(accuracy, fraction positive, AUC) of GPT-1's heuristic on TSV lines: log p(word | sentence + cue)
     summed over the word's tokens, from one plain forward pass over the right-padded sequences (causal:
     the padding changes no earlier logit)."""
     seqs, gold = [], []
     for line in lines:
         sentence, label = line.split("\t")
-        prompt = tok.encode(sentence.strip() + " very")
-        for word in (" negative", " positive"):
-            ids = tok.encode(sentence.strip() + " very" + word)
+        prompt = tok.encode(sentence.strip() + cue)
+        for word in words:
+            ids = tok.encode(sentence.strip() + cue + word)
             assert ids[:len(prompt)] == prompt
             seqs.append((ids, len(prompt)))
         gold.append(int(label))
@@ -209,6 +209,26 @@ def test_sst2_zero_shot_sums_the_log_probabilities_of_each_words_tokens(tmp_path
     np.testing.assert_allclose(r["auc"], auc, atol=1e-12)  # the pairwise count, ties half
     from gpt_jax.zeroshot import auc as area
     assert area(np.array([1.0, 1.0, 2.0, 0.0]), np.array([1, 0, 1, 0])) == 0.875  # one tie: (1 + 1 + 0.5 + 1) / 4
+
+
+def test_sst2_zero_shot_takes_another_prompt_and_its_auc_flips_with_the_words(tmp_path):
+    """A prompt of one's own (benchmarks/gpt1_fig2.py's verbalizers) scores as the direct computation does;
+    swapping which word stands for positive turns the AUC into 1 - AUC."""
+    from gpt_jax.zeroshot import sst2
+
+    lines = data_path("sst2", "dev.tsv").read_text().splitlines()[:25]
+    (tmp_path / "dev.tsv").write_text("\n".join(lines) + "\n")
+    tok = CharTokenizer(sorted(set("".join(lines[1:]) + "it was great terrible") - {"\t"}))
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_positions=256, n_embd=32, n_layer=2, n_head=2, initializer_range=0.5)
+    params = sst2_model(cfg, 1)
+    prompt = {"template": "{text} it was", "candidates": [" terrible", " great"]}
+    r = sst2(cfg, params, tok, tmp_path / "dev.tsv", prompt)
+    accuracy, positive, auc = sst2_direct(cfg, params, tok, lines[1:], " it was", (" terrible", " great"))
+    assert 0 < positive < 1 and r["accuracy"] == accuracy and r["positive"] == positive
+    np.testing.assert_allclose(r["auc"], auc, atol=1e-12)
+    swapped = sst2(cfg, params, tok, tmp_path / "dev.tsv", {**prompt, "candidates": [" great", " terrible"]})
+    np.testing.assert_allclose(swapped["auc"], 1 - r["auc"], atol=1e-12)
+    assert swapped["positive"] == pytest.approx(1 - r["positive"])  # no ties between the two words
 
 
 def test_sst2_zero_shot_command_evaluates_each_kept_step(tmp_path, capsys):
