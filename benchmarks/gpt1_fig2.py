@@ -207,6 +207,9 @@ def cmd_report(args) -> None:
     for b, st in sorted(res["transfer"].items()):
         a1.errorbar([b], [st["mean"]], yerr=[[st["mean"] - st["min"]], [st["max"] - st["mean"]]], fmt="o", color="C0",
                     capsize=3)
+    if not res["transfer"]:
+        a1.text(0.5, 0.5, "not run yet: python benchmarks/gpt1_fig2.py hp, then transfer", ha="center",
+                transform=a1.transAxes, fontsize=9)
     a1.set_xlabel("pretrained blocks transferred (embeddings always)"), a1.set_ylabel("SST-2 dev accuracy")
     a1.set_title("10,000 labels, 1 epoch, 3 seeds (min-max)"), a1.grid(alpha=0.3)
     for i, name in enumerate(HEURISTICS):
