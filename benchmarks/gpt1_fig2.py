@@ -173,6 +173,11 @@ def collect() -> dict:
             if vals:
                 transfer[blocks] = _stats(vals)
     res["transfer"] = transfer
+    n = n_layer() if transfer else None
+    if transfer and 0 in transfer and n in transfer:  # the criterion fixed beforehand: all-blocks min > embeddings max
+        emb, full = transfer[0], transfer[n]
+        res["left_panel"] = {"gap": full["mean"] - emb["mean"], "trend_shown": full["min"] > emb["max"],
+                             "seed_spread": max(emb["max"] - emb["min"], full["max"] - full["min"])}
     return res
 
 
@@ -202,16 +207,10 @@ def cmd_report(args) -> None:
         if len(pts) >= 2:
             slope = np.polyfit([b for b, _ in pts], [st["mean"] for _, st in pts], 1)[0]
             print(f"\nleast-squares slope: {100 * slope:+.2f} points per block")
-        n = n_layer()
-        if 0 in res["transfer"] and n in res["transfer"]:
-            emb, full = res["transfer"][0], res["transfer"][n]
-            spread = max(emb["max"] - emb["min"], full["max"] - full["min"])
-            shown = full["min"] > emb["max"]
-            res["left_panel"] = {"gap": full["mean"] - emb["mean"], "seed_spread": spread, "trend_shown": shown}
-            RESULTS.write_text(json.dumps(res, indent=1) + "\n")
-            print(f"all {n} blocks vs embeddings only: {100 * (full['mean'] - emb['mean']):+.2f} points "
-                  f"(largest seed range {100 * spread:.2f} points); every all-blocks seed above every "
-                  f"embeddings-only seed: {'yes' if shown else 'no'}")
+        if lp := res.get("left_panel"):
+            print(f"all {n_layer()} blocks vs embeddings only: {100 * lp['gap']:+.2f} points (largest seed range "
+                  f"{100 * lp['seed_spread']:.2f} points); every all-blocks seed above every embeddings-only seed: "
+                  f"{'yes' if lp['trend_shown'] else 'no'}")
     FIGURES.mkdir(exist_ok=True)
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.8))
     for b, st in sorted(res["transfer"].items()):
